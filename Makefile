@@ -1,0 +1,60 @@
+# catdogcnn: every target builds on one virtual environment, .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= $(or $(CATDOGCNN_DATA),../shared/data/cats_vs_dogs)
+PHOTOS ?= $(DATA)/test_set
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install serve predict test browser fuzz lint bench model seed-model clean
+
+install: $(VENV)/.installed
+
+# Re-run when the dependencies change; pip itself is idempotent.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
+	touch $@
+
+## The main job: the web page and the API on http://127.0.0.1:8000 with the shipped default model.
+serve: install
+	$(BIN)/catdogcnn serve --host 127.0.0.1 --port 8000
+
+## Label photos from the command line (PHOTOS=path ... to choose them).
+predict: install
+	$(BIN)/catdogcnn predict $(PHOTOS)
+
+test: install browser
+	$(BIN)/python -m pytest -q
+
+## Headless Chromium for the end-to-end page tests (Debian packages); the tests skip, saying so, without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+		echo "could not install chromium: the browser tests will be skipped"; }
+
+fuzz: install
+	CATDOGCNN_FUZZ_EXAMPLES=$${CATDOGCNN_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+lint: install
+	$(BIN)/ruff check .
+
+## Every benchmark, one after the other (about 30 minutes on 2 cores); each prints a markdown table.
+bench: install
+	$(BIN)/python benchmarks/seed_cnn.py --data $(DATA) --seeds 0 1 2
+	$(BIN)/python benchmarks/accuracy.py --data $(DATA) --tta "default (shipped)"
+	$(BIN)/python benchmarks/inference.py --data $(DATA) --memory
+	$(BIN)/python benchmarks/serve_load.py --data $(DATA)
+	$(BIN)/python benchmarks/ddp.py --data $(DATA)
+
+## Retrain the shipped models from $(DATA) with fixed seeds.
+seed-model: install
+	$(BIN)/catdogcnn train $(DATA) --model seed_cnn --out runs/seed_cnn --seed 0 --bundle models/seed_cnn
+
+model: install
+	$(BIN)/catdogcnn train $(DATA) --model efficientnet_lite2 --recipe probe --extra train --out runs/default --seed 0 \
+		--bundle models/default
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

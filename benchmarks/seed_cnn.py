@@ -1,0 +1,86 @@
+"""The seed recipe, measured: train the seed CNN on training_set, evaluate on test_set, print a markdown table.
+
+    python benchmarks/seed_cnn.py --data ../shared/data/cats_vs_dogs [--seeds 0 1 2] [--keras ../keras-venv/bin/python]
+
+With --keras, the seed's original Keras script (../shared/anchors/seed_keras.py) runs a few epochs in the
+same session, so the epoch-time ratio is measured side by side on the same machine and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from catdogcnn.evaluate import evaluate
+from catdogcnn.predict import Classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_run(data: Path, out: Path, seed: int, epochs: int) -> tuple[float, Path]:
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "catdogcnn", "train", str(data), "--model", "seed_cnn", "--out", str(out),
+           "--seed", str(seed), "--epochs", str(epochs)]
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - started, out / "bundle"
+
+
+def keras_epoch_seconds(python: str, data: Path, epochs: int) -> float:
+    script = ROOT.parent / "shared" / "anchors" / "seed_keras.py"
+    result = subprocess.run([python, str(script), str(data), str(epochs)], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("CATDOGCNN_DATA",
+                                                                         ROOT.parent / "shared/data/cats_vs_dogs")))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_seed_cnn")
+    parser.add_argument("--keras", help="Python with tensorflow-cpu, to time the Keras original side by side")
+    parser.add_argument("--keras-epochs", type=int, default=3)
+    args = parser.parse_args()
+
+    rows = []
+    for seed in args.seeds:
+        total, bundle = train_run(args.data, args.out / f"seed{seed}", seed, args.epochs)
+        records = [json.loads(line) for line in (args.out / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        test = evaluate(args.data, Classifier(bundle))
+        test_06 = evaluate(args.data, Classifier(bundle, threshold=0.6))
+        train = evaluate(args.data / "training_set", Classifier(bundle))
+        rows.append({"seed": seed, "train": train["accuracy"], "test": test["accuracy"], "test_06": test_06["accuracy"],
+                     "log_loss": test["log_loss"], "epoch_s": statistics.median(r["seconds"] for r in records),
+                     "img_s": statistics.median(r["images_per_second"] for r in records), "total_s": total,
+                     "epoch": json.loads((bundle / "bundle.json").read_text())["training"]["epoch"]})
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    print(f"\nSeed recipe ({args.epochs} epochs, batch 32, Adam 1e-3, flip/shear/zoom) on {args.data}; "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end\n")
+    print("| seed | train acc | test acc @0.5 | test acc @0.6 | test log loss | s/epoch (median) | images/s | "
+          "total s | exported epoch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['train']:.2%} | {r['test']:.2%} | {r['test_06']:.2%} | {r['log_loss']:.4f} | "
+              f"{r['epoch_s']:.2f} | {r['img_s']:.0f} | {r['total_s']:.0f} | {r['epoch']} |")
+    if len(rows) > 1:
+        tests = [r["test"] for r in rows]
+        print(f"\nTest accuracy over {len(rows)} seeds: mean {statistics.mean(tests):.2%}, "
+              f"min {min(tests):.2%}, max {max(tests):.2%}")
+    print(f"\nPeak memory of a training process: {peak_mb:.0f} MB")
+    if args.keras:
+        keras = keras_epoch_seconds(args.keras, args.data, args.keras_epochs)
+        ours = statistics.median(r["epoch_s"] for r in rows)
+        print(f"Keras original, same machine, same session: {keras:.2f} s/epoch (median of {args.keras_epochs}); "
+              f"ours {ours:.2f} s/epoch: {keras / ours:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from catdogcnn.cli import app
+
+app()

@@ -1,0 +1,369 @@
+"""Command line: a thin layer over the Python API (`catdogcnn --help`)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cats-vs-dogs classifier: train, evaluate, predict.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect a photo folder.")
+app.add_typer(data_app, name="data")
+
+# Errors a user can cause: printed as one line, exit code 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, PermissionError, ValueError, KeyError, OSError)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def user_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from catdogcnn.predict import BundleError
+
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+        try:
+            return func(*args, **kwargs)
+        except (BundleError, *USER_ERRORS) as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise _fail(message) from None
+
+    return wrapper
+
+
+ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model bundle folder (default: shipped).")]
+ThresholdOption = Annotated[float | None, typer.Option(help="Decision threshold for the second class "
+                                                       "(default: the bundle's; the seed's rule is 0.6).")]
+TtaOption = Annotated[bool | None, typer.Option("--tta/--no-tta", help="Average over the photo and its mirror "
+                                                "image (default: the bundle's setting).")]
+NeitherOption = Annotated[bool, typer.Option("--neither/--no-neither", help="Answer 'neither' when the photo "
+                                             "shows no cat or dog (bundles with an ImageNet head).")]
+
+
+@app.command()
+@user_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders of photos.")],
+    model: ModelOption = None,
+    threshold: ThresholdOption = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, csv or json (JSON lines).")] = "table",
+    batch_size: Annotated[int | None, typer.Option(help="Photos per model call (default: by input size).")]
+    = None,
+    tta: TtaOption = None,
+    neither: NeitherOption = True,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+) -> None:
+    """Label photos: one line per photo; a bad photo prints its error on its own line (exit code 1)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from catdogcnn.predict import expand_photos, load_classifier
+
+    if output_format not in ("table", "csv", "json"):
+        raise _fail(f"--format must be table, csv or json, not {output_format!r}")
+
+    classifier = load_classifier(model, threshold=threshold, tta=tta, neither=neither, threads=threads)
+    photos = expand_photos(paths)
+    failed = 0
+    writer = csv.writer(sys.stdout) if output_format == "csv" else None
+    if writer:
+        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in classifier.classes), "error", "reason"])
+    # A progress bar on stderr for long runs, only when it is a terminal (quiet in logs and pipes).
+    console = Console(stderr=True)
+    show_bar = console.is_terminal and len(photos) > classifier.batch_size
+    with Progress(console=console, disable=not show_bar, transient=True) as progress:
+        task = progress.add_task("classifying", total=len(photos))
+        for p in classifier.predict_many(photos, batch_size):
+            progress.advance(task)
+            failed += not p.ok
+            if output_format == "json":
+                typer.echo(json.dumps(p.to_dict()))
+            elif writer:
+                probabilities = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in classifier.classes]
+                writer.writerow([p.source, p.label or "", f"{p.confidence:.6f}" if p.ok else "", *probabilities,
+                                 p.error or "", p.reason or ""])
+            elif p.ok:
+                typer.echo(f"{p.source}\t{p.label}\t{p.confidence:.4f}" + (f"\t{p.reason}" if p.reason else ""))
+            else:
+                typer.echo(f"error: {p.error}", err=True)
+    if failed:
+        typer.echo(f"{failed} photo(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    data_dir: Annotated[Path, typer.Argument(help="Labelled folder: class sub-folders, or the seed layout "
+                                             "(then test_set is used).")],
+    model: ModelOption = None,
+    threshold: ThresholdOption = None,
+    tta: TtaOption = None,
+    neither: NeitherOption = True,
+    non_pets: Annotated[Path | None, typer.Option(help="A folder of photos with no cat or dog: reports how many "
+                                                  "are answered 'neither'.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Also write an HTML report with plots into this folder.")]
+    = None,
+) -> None:
+    """Accuracy, precision/recall/F1, confusion matrix, ROC AUC and log loss of a model on a folder."""
+    from catdogcnn.evaluate import evaluate as run_evaluation
+    from catdogcnn.predict import load_classifier
+
+    classifier = load_classifier(model, threshold=threshold, tta=tta, neither=neither)
+    result = run_evaluation(data_dir, classifier, non_pets=non_pets, details=report is not None)
+    if report is not None:
+        from catdogcnn.report import evaluation_report
+
+        typer.echo(f"report written to {evaluation_report(result, classifier, report)}", err=True)
+        result.pop("photos")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{result['data']}: {result['n']} photos, model {result['model_id']}, "
+                  f"threshold {result['threshold']}")
+    roc = f"{result['roc_auc']:.4f}" if result["roc_auc"] is not None else "n/a"
+    console.print(f"accuracy {result['accuracy']:.4f}   log loss {result['log_loss']:.4f}   ROC AUC {roc}   "
+                  f"ECE {result['ece']:.4f}   bad files {len(result['bad_files'])}")
+    table = Table("class", "precision", "recall", "F1", "support")
+    for name, m in result["per_class"].items():
+        table.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    if result["neither"] is not None:
+        line = f"'neither' (no cat or dog): {result['neither']['pets_flagged']:.2%} of these photos"
+        if result["neither"].get("non_pets_flagged") is not None:
+            line += f", {result['neither']['non_pets_flagged']:.2%} of {result['neither']['non_pets_n']} non-pet photos"
+        console.print(line)
+    console.print(table)
+    matrix = Table("true \\ predicted", *result["classes"], title="confusion matrix")
+    for name, row in zip(result["classes"], result["confusion_matrix"], strict=True):
+        matrix.add_row(name, *map(str, row))
+    console.print(matrix)
+    for bad in result["bad_files"]:
+        console.print(f"skipped {bad['reason']}", style="yellow")
+
+
+@app.command()
+@user_errors
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Seed layout (training_set/...) or a folder of class folders.")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, bundle/.")] = Path("runs/seed"),
+    config_file: Annotated[Path | None, typer.Option("--config", help="JSON file of TrainConfig settings "
+                                                     "(flags given here override it).")] = None,
+    model: Annotated[str | None, typer.Option(help="Architecture from the registry.")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam (the seed's), adamw or sgd.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant (the seed's) or cosine (after a warm-up).")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option()] = None,
+    backbone_lr_scale: Annotated[float | None, typer.Option(help="Pretrained backbone's lr = lr x this.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option()] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    resize: Annotated[str | None, typer.Option(help="Photo resampling: bilinear, nearest, bicubic, lanczos.")] = None,
+    augment: Annotated[str | None, typer.Option(help="Augmentation preset: none, flip, seed, crop.")] = None,
+    dropout: Annotated[float | None, typer.Option()] = None,
+    ema: Annotated[float | None, typer.Option(help="Decay of an exponential moving average of the weights, "
+                                              "validated and exported instead of the raw weights (0: off).")] = None,
+    extra: Annotated[str | None, typer.Option(help="Seed layout: use extra_set as val, train or none.")] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    select: Annotated[str | None, typer.Option(help="Weights to export: best (validation) or last.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="full (train all weights) or probe (frozen pretrained "
+                                               "features + logistic regression).")] = None,
+    probe_c: Annotated[float | None, typer.Option(help="probe: regularisation C (default: chosen on "
+                                                  "validation).")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 where the hardware has it), fp32 or bf16.")]
+    = None,
+    threads: Annotated[int | None, typer.Option()] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    nproc: Annotated[int, typer.Option(help="Train in this many processes on this machine (torchrun + "
+                                       "DistributedDataParallel; the effective batch is batch size x nproc).")] = 1,
+    bundle: Annotated[Path | None, typer.Option(help="Where to write the model bundle (default OUT/bundle); "
+                                                "replaced atomically.")] = None,
+) -> None:
+    """Train a model; checkpoints every epoch and writes the model bundle to OUT/bundle."""
+    from catdogcnn.train import TrainConfig, TrainingInterrupted
+    from catdogcnn.train import train as run_training
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        args = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
+                and not (i > 0 and sys.argv[i] == "--nproc")]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "catdogcnn", *args]
+        raise typer.Exit(subprocess.run(command).returncode)
+    values = json.loads(config_file.read_text()) if config_file else {}
+    flags = {"model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+             "optimizer": optimizer, "schedule": schedule, "warmup_epochs": warmup_epochs,
+             "backbone_lr_scale": backbone_lr_scale, "label_smoothing": label_smoothing,
+             "image_size": image_size, "resize": resize, "augment": augment, "dropout": dropout, "ema": ema,
+             "extra": extra, "val_fraction": val_fraction, "select": select, "recipe": recipe, "probe_c": probe_c,
+             "seed": seed, "device": device, "precision": precision, "threads": threads}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    config = TrainConfig.from_dict(values)
+    try:
+        run_training(data_dir, out, config, resume=resume, bundle_dir=bundle)
+    except TrainingInterrupted as e:
+        raise _fail(str(e), code=130) from None
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    data_dir: Annotated[Path, typer.Argument(help="Seed layout or a folder of class folders.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    near_distance: Annotated[int, typer.Option(help="Max pHash bit distance for near-duplicates.")] = 4,
+) -> None:
+    """Counts per split and class, bad files, exact duplicates (leakage, label conflicts), near-duplicates."""
+    from catdogcnn.data import check_dataset
+
+    report = check_dataset(data_dir, near_distance=near_distance)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    for split, counts in report.counts.items():
+        typer.echo(f"{split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + f" (total {sum(counts.values())})")
+    typer.echo(f"bad files: {len(report.bad)}")
+    for e in report.bad:
+        typer.echo(f"  {e}")
+    typer.echo(f"exact duplicates: {len(report.exact_duplicates)} pair(s)")
+    for pair in report.exact_duplicates:
+        typer.echo(f"  {pair.a} = {pair.b}  [{pair.kind}]")
+    typer.echo(f"near-duplicates (pHash distance <= {near_distance}): {len(report.near_duplicates)} pair(s)")
+    for pair in report.near_duplicates:
+        typer.echo(f"  {pair.a} ~ {pair.b}  [{pair.kind}]")
+
+
+@app.command("import-keras")
+@user_errors
+def import_keras_command(
+    model_file: Annotated[Path, typer.Argument(help="Keras model: legacy .h5 or Keras 3 .keras.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names, in the order of the model's "
+                                                "outputs (default for one sigmoid unit: cats,dogs).")] = None,
+) -> None:
+    """Convert a Keras Sequential CNN into a model bundle (no TensorFlow needed)."""
+    from catdogcnn.keras_import import import_keras
+
+    bundle = import_keras(model_file, out, classes.split(",") if classes else None)
+    typer.echo(f"bundle written to {bundle}")
+
+
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the service to the network.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    model: ModelOption = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest photo accepted, in MB.")] = 10.0,
+) -> None:
+    """Serve the web page and the HTTP API (docs at /docs)."""
+    from catdogcnn.predict import load_classifier
+    from catdogcnn.serve import ServeConfig
+    from catdogcnn.serve import serve as run_server
+
+    load_classifier(model)  # fail here, in one line, if the bundle is unusable
+    run_server(model, host, port, ServeConfig(max_upload_mb=max_upload_mb))
+
+
+@app.command()
+@user_errors
+def explain(
+    photos: Annotated[list[Path], typer.Argument(help="Photos and/or folders of photos.")],
+    out: Annotated[Path, typer.Option(help="Folder for the heat maps (PHOTO.heatmap.png).")] = Path("heatmaps"),
+    model: ModelOption = None,
+) -> None:
+    """Heat maps of where each answer comes from, laid over the photo as the model saw it."""
+    from catdogcnn.data import BadImageError
+    from catdogcnn.explain import explain_to_folder
+    from catdogcnn.predict import expand_photos, load_classifier
+
+    classifier = load_classifier(model)
+    failed = 0
+    for photo in expand_photos(photos):
+        try:
+            ((prediction, path),) = explain_to_folder(classifier, [photo], out)
+        except BadImageError as e:
+            failed += 1
+            typer.echo(f"error: {e}", err=True)
+            continue
+        typer.echo(f"{photo}\t{prediction.label}\t{prediction.confidence:.4f}\t{path}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A training run folder (with metrics.jsonl).")],
+) -> None:
+    """Plot a training run's loss and accuracy per epoch (RUN_DIR/report.html, RUN_DIR/curves.png)."""
+    from catdogcnn.report import training_report
+
+    typer.echo(f"report written to {training_report(run_dir)}")
+
+
+@data_app.command("download")
+@user_errors
+def data_download(
+    dest: Annotated[Path, typer.Option(help="Folder for the archive and the photos.")] = Path("data"),
+    url: Annotated[str | None, typer.Option(help="Archive URL (default: $CATDOGCNN_DATA_URL, else Microsoft's "
+                                            "kagglecatsanddogs_5340.zip).")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the archive "
+                                               "(default: $CATDOGCNN_DATA_SHA256, else the one recorded "
+                                               "by an earlier download).")] = None,
+) -> None:
+    """Download the full Cats and Dogs archive (resumable), check, extract, and move bad photos aside."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    from catdogcnn.download import DownloadError, download
+
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("downloading", total=None)
+        try:
+            root, moved = download(dest, url, sha256, lambda done, total: bar.update(task, completed=done,
+                                                                                   total=total))
+        except DownloadError as e:
+            raise _fail(str(e)) from None
+    for path, reason in moved:
+        typer.echo(f"moved aside {path}: {reason}", err=True)
+    typer.echo(f"{root}: photos ready; {len(moved)} bad file(s) moved to {dest / 'rejected'} "
+               f"(reasons in {dest / 'rejected' / 'reasons.tsv'})")
+
+
+@data_app.command("split")
+@user_errors
+def data_split(
+    source: Annotated[Path, typer.Argument(help="Folder of class folders (e.g. data/PetImages).")],
+    dest: Annotated[Path, typer.Option(help="Where to lay out training_set/test_set/extra_set.")],
+    train: Annotated[int, typer.Option(help="Training photos per class.")] = 4000,
+    test: Annotated[int, typer.Option(help="Test photos per class.")] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+    extra: Annotated[bool, typer.Option("--extra/--no-extra", help="Put the remaining photos in extra_set.")]
+    = True,
+) -> None:
+    """Lay out photos like the seed's data set (seeded): training_set/, test_set/ and extra_set/."""
+    from catdogcnn.download import split
+
+    for split_name, counts in split(source, dest, train, test, seed, extra).items():
+        typer.echo(f"{dest / split_name}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))

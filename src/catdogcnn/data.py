@@ -1,0 +1,443 @@
+"""Photos in class folders: scan, decode safely, cache decoded arrays, split, check for duplicates.
+
+Two layouts are accepted: the seed's (`DIR/training_set/<class>`, `DIR/test_set/<class>`, optionally
+`DIR/extra_set/<class>`) and a plain `DIR/<class>`. Class names are the sorted sub-folder names.
+This module needs numpy and Pillow only: training and inference both decode through `decode_image`,
+so a photo becomes the same pixels in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("catdogcnn")
+
+SPLIT_FOLDERS = {"train": "training_set", "test": "test_set", "extra": "extra_set"}
+# Pillow warns past MAX_IMAGE_PIXELS and raises past twice that; we refuse both (a 16k x 10k photo passes).
+MAX_IMAGE_PIXELS = 178_956_970
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Leading bytes of formats we know: a file that starts like one but will not open is corrupt, not "not an image".
+MAGIC = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"RIFF": "WebP", b"BM": "BMP",
+         b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+CACHE_VERSION = 2
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+ImageSource = str | os.PathLike | bytes | BinaryIO
+
+
+class BadImageError(ValueError):
+    """A photo that cannot be used: the message is one line, `path: reason`.
+
+    `kind` sorts the reasons: unreadable, empty, not_image, corrupt, truncated, bomb.
+    """
+
+    def __init__(self, path: str, reason: str, kind: str = "corrupt"):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class ImageSet:
+    """Decoded photos of one split: `images[i]` is `paths[i]` with class `labels[i]`."""
+
+    classes: list[str]
+    paths: list[Path]
+    labels: np.ndarray  # int64, (N,)
+    images: np.ndarray  # uint8, (N, S, S, 3); memory-mapped when it comes from the cache
+    bad: list[BadImageError] = field(default_factory=list)
+    key: str | None = None  # the cache key: names exactly these decoded photos
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def summary(self) -> dict:
+        counts = Counter(self.labels.tolist())
+        return {"n": len(self), "per_class": {c: counts.get(i, 0) for i, c in enumerate(self.classes)},
+                "bad_files": len(self.bad)}
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
+    if isinstance(source, bytes):
+        return source, "<bytes>"
+    if hasattr(source, "read"):
+        return source.read(), getattr(source, "name", "<stream>")
+    name = os.fspath(source)
+    try:
+        with open(name, "rb") as f:
+            return f.read(), name
+    except PermissionError:
+        raise BadImageError(name, "permission denied (cannot read the file)", "unreadable") from None
+    except IsADirectoryError:
+        raise BadImageError(name, "is a directory, not a photo", "unreadable") from None
+    except FileNotFoundError:
+        raise BadImageError(name, "no such file", "unreadable") from None
+    except OSError as e:
+        raise BadImageError(name, f"cannot read the file ({e.strerror or e})", "unreadable") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white, as a viewer shows it."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode != "F" and arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            peak = max(1.0, float(arr.max(initial=1)))
+        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" or img.mode == "LA" or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(source: ImageSource, size: int | None = None, resample: str = "bilinear") -> np.ndarray:
+    """Decode one photo to a uint8 RGB array, resized (squashed) to `size` x `size` when given.
+
+    EXIF orientation is applied; the format is taken from the bytes, not the file name. JPEGs are
+    decoded at a reduced scale (Pillow's draft mode) when that still covers `size`, which is what
+    makes large photos fast. Raises BadImageError with a one-line reason for anything unusable.
+    """
+    data, name = _read_bytes(source)
+    if not data:
+        raise BadImageError(name, "empty file (0 bytes)", "empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if size and img.format == "JPEG" and resample != "nearest":  # nearest must see every pixel, as Keras
+                img.draft("RGB", (size, size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            if size:
+                img = img.resize((size, size), RESAMPLE[resample], reducing_gap=None)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(name, f"decompression bomb refused ({e})", "bomb") from None
+    except UnidentifiedImageError:
+        kind = next((fmt for magic, fmt in MAGIC.items() if data.startswith(magic)), None)
+        if kind:
+            raise BadImageError(name, f"corrupt image (starts like {kind} but cannot be read)") from None
+        raise BadImageError(name, "not an image (unknown format)", "not_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's ways of saying "corrupt"
+        reason = str(e) or type(e).__name__
+        kind = "truncated" if "truncated" in reason.lower() else "corrupt"
+        raise BadImageError(name, f"{kind} image ({reason})", kind) from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
+        raise BadImageError(name, f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def _try_decode(path: Path, size: int, resample: str) -> np.ndarray | BadImageError:
+    try:
+        return decode_image(path, size, resample)
+    except BadImageError as e:
+        return e
+    except Exception as e:  # a decoder bug must not stop a run over 10,000 photos; it is reported like the rest
+        return BadImageError(str(path), f"cannot decode ({type(e).__name__}: {e})")
+
+
+def decode_many(paths: Sequence[Path], size: int, resample: str = "bilinear", workers: int | None = None,
+                window: int = 256) -> Iterator[np.ndarray | BadImageError]:
+    """Decode photos in a thread pool (Pillow releases the GIL), yielding results in input order.
+
+    At most `window` photos are in flight or waiting, so memory stays bounded however long the list,
+    and the pool keeps decoding while the caller works on what it was given.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    todo = iter(paths)
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque(pool.submit(_try_decode, p, size, resample) for p in islice(todo, window))
+        while pending:
+            result = pending.popleft().result()
+            for p in islice(todo, 1):
+                pending.append(pool.submit(_try_decode, p, size, resample))
+            yield result
+
+
+# --------------------------------------------------------------------------- scanning and layouts
+
+def is_seed_layout(root: Path) -> bool:
+    return (Path(root) / SPLIT_FOLDERS["train"]).is_dir()
+
+
+def list_classes(folder: Path) -> list[str]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{folder}: no class sub-folders (expected {folder}/<class>/photo.jpg)")
+    return classes
+
+
+def scan_folder(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """Every non-hidden file under `folder/<class>/` (recursively), labelled by its class folder.
+
+    Files are not filtered by extension: something that is not a photo is reported when decoded,
+    never silently ignored.
+    """
+    folder = Path(folder)
+    classes = list(classes) if classes is not None else list_classes(folder)
+    samples = []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            samples.extend(Sample(Path(dirpath) / f, label) for f in sorted(filenames) if not f.startswith("."))
+    return classes, samples
+
+
+def resolve_splits(root: Path) -> dict[str, Path]:
+    """Split name -> folder: the seed layout's splits that exist, or {"train": root} for a plain folder."""
+    root = Path(root)
+    if is_seed_layout(root):
+        return {split: root / name for split, name in SPLIT_FOLDERS.items() if (root / name).is_dir()}
+    list_classes(root)  # raises a clear error when root has no class folders
+    return {"train": root}
+
+
+def evaluation_folder(root: Path) -> Path:
+    """The folder to evaluate on: `test_set` in the seed layout, else the folder itself."""
+    root = Path(root)
+    test = root / SPLIT_FOLDERS["test"]
+    return test if is_seed_layout(root) and test.is_dir() else root
+
+
+def stratified_split(samples: Sequence[Sample], size: float | int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded, stratified split of a file list into (kept, held out); `size` is a fraction or a count.
+
+    Splitting the file list, not decoded arrays, lets each part be decoded and cached on its own.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = [s.label for s in samples]
+    kept, held_out = train_test_split(list(range(len(samples))), test_size=size, random_state=seed, stratify=labels)
+    return [samples[i] for i in sorted(kept)], [samples[i] for i in sorted(held_out)]
+
+
+# --------------------------------------------------------------------------- cache
+
+def default_cache_dir() -> Path:
+    """`$CATDOGCNN_CACHE`, else `$XDG_CACHE_HOME/catdogcnn` (`~/.cache/catdogcnn`)."""
+    if os.environ.get("CATDOGCNN_CACHE"):
+        return Path(os.environ["CATDOGCNN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "catdogcnn"
+
+
+def _cache_key(samples: Sequence[Sample], size: int, resample: str) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{resample}".encode())
+    for s in samples:
+        try:
+            st = s.path.stat()
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"\n{s.path.resolve()}|{s.label}|{stamp}".encode())
+    return h.hexdigest()[:32]
+
+
+def load_images(samples: Sequence[Sample], classes: Sequence[str], size: int, resample: str = "bilinear",
+                cache_dir: Path | None | bool = None, workers: int | None = None,
+                progress: Callable[[int], None] | None = None) -> ImageSet:
+    """Decode `samples` to an ImageSet, reusing the on-disk cache when the same files were decoded before.
+
+    The cache key covers the file list (paths, sizes, modification times), the size and the resampling,
+    so a changed photo is decoded again. Bad files are logged once per call (path + reason) and kept in
+    `ImageSet.bad`. `cache_dir=False` decodes into memory without a cache.
+    """
+    if cache_dir is False:
+        return _decode_set(samples, classes, size, resample, workers, None, progress)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = _cache_key(samples, size, resample)
+    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if array_path.exists() and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = np.load(array_path, mmap_mode="r")[: meta["n_good"]]
+            good = np.asarray(meta["good"], dtype=np.int64)
+            bad = [BadImageError(*entry) for entry in meta["bad"]]
+            for error in bad:
+                log.warning("skipped %s", error)
+            if progress:
+                progress(len(samples))
+            return ImageSet(list(classes), [samples[i].path for i in good],
+                            np.array([samples[i].label for i in good], dtype=np.int64), images, bad, key)
+        except (OSError, ValueError, KeyError):
+            log.warning("cache %s is unreadable; decoding again", array_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    found = _decode_set(samples, classes, size, resample, workers, (array_path, meta_path), progress)
+    found.key = key
+    return found
+
+
+def _decode_set(samples, classes, size, resample, workers, cache_paths, progress) -> ImageSet:
+    n = len(samples)
+    if cache_paths:
+        array_path, meta_path = cache_paths
+        tmp_array = array_path.with_name(f"{array_path.stem}.tmp{os.getpid()}.npy")
+        out = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=np.uint8, shape=(max(n, 1), size, size, 3))
+    else:
+        out = np.empty((max(n, 1), size, size, 3), dtype=np.uint8)
+    good, bad = [], []
+    for i, result in enumerate(decode_many([s.path for s in samples], size, resample, workers)):
+        if isinstance(result, BadImageError):
+            log.warning("skipped %s", result)
+            bad.append(result)
+        else:
+            out[len(good)] = result  # good photos are packed to the front, in input order
+            good.append(i)
+        if progress and (i + 1) % 64 == 0:
+            progress(64)
+    if progress:
+        progress(n % 64)
+    if cache_paths:
+        out.flush()
+        del out
+        os.replace(tmp_array, array_path)
+        tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp{os.getpid()}")
+        tmp_meta.write_text(json.dumps({"n_good": len(good), "good": good,
+                                        "bad": [[e.path, e.reason, e.kind] for e in bad]}))
+        os.replace(tmp_meta, meta_path)  # the metadata lands last: a cache entry is complete or absent
+        out = np.load(array_path, mmap_mode="r")
+    return ImageSet(list(classes), [samples[i].path for i in good],
+                    np.array([samples[i].label for i in good], dtype=np.int64), out[: len(good)], bad)
+
+
+def load_folder(folder: Path, size: int, classes: Sequence[str] | None = None, **kwargs) -> ImageSet:
+    """Scan and decode one labelled folder (class sub-folders)."""
+    classes, samples = scan_folder(folder, classes)
+    return load_images(samples, classes, size, **kwargs)
+
+
+# --------------------------------------------------------------------------- data check
+
+@dataclass
+class DuplicatePair:
+    a: str
+    b: str
+    kind: str  # "within split" | "across splits (leakage)" | "across classes (label conflict)"
+
+
+@dataclass
+class CheckReport:
+    counts: dict[str, dict[str, int]]  # split -> class -> good photos
+    bad: list[BadImageError]
+    exact_duplicates: list[DuplicatePair]
+    near_duplicates: list[DuplicatePair]
+
+    def to_dict(self) -> dict:
+        return {"counts": self.counts, "bad_files": [{"path": e.path, "reason": e.reason} for e in self.bad],
+                "exact_duplicates": [vars(p) for p in self.exact_duplicates],
+                "near_duplicates": [vars(p) for p in self.near_duplicates]}
+
+
+def _pair_kind(a: tuple[str, str], b: tuple[str, str]) -> str:
+    (split_a, class_a), (split_b, class_b) = a, b
+    if class_a != class_b:
+        return "across classes (label conflict)"
+    return "across splits (leakage)" if split_a != split_b else "within split"
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def file_digests(paths: Sequence[Path]) -> list[str | None]:
+    """sha256 of each file's bytes (None when unreadable), hashed in a thread pool."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_file_digest, paths))
+
+
+def _perceptual_hashes(images: np.ndarray) -> np.ndarray:
+    """64-bit pHash per image (imagehash's DCT hash), as uint64."""
+    import imagehash
+
+    out = np.empty(len(images), dtype=np.uint64)
+    for i, arr in enumerate(images):
+        bits = imagehash.phash(Image.fromarray(np.asarray(arr))).hash.flatten()
+        out[i] = np.packbits(bits).view(">u8")[0]
+    return out
+
+
+def check_dataset(root: Path, near_distance: int = 4, size: int = 64, cache_dir: Path | None | bool = None,
+                  progress: Callable[[int], None] | None = None) -> CheckReport:
+    """Counts per split and class, bad files, and exact (byte-identical) and near (pHash) duplicate pairs."""
+    splits = resolve_splits(root)
+    classes = sorted({c for folder in splits.values() for c in list_classes(folder)})
+    counts: dict[str, dict[str, int]] = {}
+    bad: list[BadImageError] = []
+    where: list[tuple[str, str]] = []
+    paths: list[Path] = []
+    images = []
+    for split, folder in splits.items():
+        split_classes, samples = scan_folder(folder, classes)
+        found = load_images(samples, split_classes, size, cache_dir=cache_dir, progress=progress)
+        counts[split] = found.summary()["per_class"]
+        bad.extend(found.bad)
+        paths.extend(found.paths)
+        where.extend((split, classes[label]) for label in found.labels)
+        images.append(found.images)
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, digest in enumerate(file_digests(paths)):
+        if digest:
+            groups[digest].append(i)
+    exact, exact_set = [], set()
+    for members in groups.values():
+        for x, i in enumerate(members):
+            for j in members[x + 1:]:
+                exact.append(DuplicatePair(str(paths[i]), str(paths[j]), _pair_kind(where[i], where[j])))
+                exact_set.add((i, j))
+
+    near = []
+    if paths:
+        hashes = _perceptual_hashes(np.concatenate(images) if len(images) > 1 else images[0])
+        for i, j in _close_pairs(hashes, near_distance):
+            if (i, j) not in exact_set:
+                near.append(DuplicatePair(str(paths[i]), str(paths[j]), _pair_kind(where[i], where[j])))
+    return CheckReport(counts, bad, exact, near)
+
+
+def _close_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -> Iterable[tuple[int, int]]:
+    """Index pairs (i < j) whose 64-bit hashes differ in at most `max_distance` bits, in blocks of rows."""
+    for start in range(0, len(hashes), block):
+        rows = hashes[start:start + block]
+        distance = np.bitwise_count(rows[:, None] ^ hashes[None, :])
+        for a, b in zip(*np.nonzero(distance <= max_distance), strict=True):
+            i = start + int(a)
+            if i < int(b):
+                yield i, int(b)

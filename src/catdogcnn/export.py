@@ -1,0 +1,128 @@
+"""Model bundle: an ONNX graph (uint8 photos in, class probabilities out) plus a JSON file about it.
+
+Bundle folder layout: `bundle.json` and `model-<sha12>.onnx`. The JSON names the graph file and its
+sha256 and is written last, by an atomic rename: a bundle is either the old one or the new one,
+never a half-written mix, whatever moment a crash or kill strikes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from catdogcnn.models import Normalize, logits_to_probabilities
+from catdogcnn.predict import ACTIVATION_OUTPUT_NAME, IMAGENET_OUTPUT_NAME, OUTPUT_NAME
+
+BUNDLE_FORMAT = 1
+INPUT_NAME = "image"
+
+
+class InferenceModel(nn.Module):
+    """uint8 photos (N, H, W, 3) -> class probabilities (N, C): what the ONNX graph computes.
+
+    A pretrained-backbone model (`forward_all`) also outputs the 1000 ImageNet probabilities and the class
+    activation maps (N, logits, h, w) that heat maps are drawn from.
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model
+        self.all_outputs = hasattr(model, "forward_all")
+        self.output_names = ([OUTPUT_NAME, IMAGENET_OUTPUT_NAME, ACTIVATION_OUTPUT_NAME] if self.all_outputs
+                             else [OUTPUT_NAME])
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        x = self.normalize(image.permute(0, 3, 1, 2).float() / 255)
+        if self.all_outputs:
+            logits, imagenet, activation = self.model.forward_all(x)
+            return logits_to_probabilities(logits), torch.softmax(imagenet, dim=1), activation
+        return logits_to_probabilities(self.model(x))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; a bundle is meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_onnx(module: nn.Module, image_size: int, output_names: list[str]) -> bytes:
+    """Export a module taking uint8 photos (N, S, S, 3), with a dynamic batch dimension."""
+    module = module.eval().cpu()
+    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns that torchvision ops are absent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(module, (example,), input_names=[INPUT_NAME], output_names=output_names,
+                                    dynamic_shapes={"image": {0: batch}}, dynamo=True, optimize=True, verbose=False)
+    program.save(buffer)
+    return buffer.getvalue()
+
+
+def check_parity(module: InferenceModel, onnx_bytes: bytes, images: np.ndarray, tolerance: float = 1e-4) -> float:
+    """Max |torch - onnxruntime| over `images` (uint8 NHWC); raises when above `tolerance`.
+
+    Probabilities are compared as they are; unbounded outputs (activation maps) relative to their scale.
+    """
+    import onnxruntime as ort
+
+    images = np.array(images, dtype=np.uint8)  # a private, writable copy (the input may be a read-only memmap)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = module.eval().cpu()(torch.from_numpy(images))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session.run(module.output_names, {INPUT_NAME: images})
+    diff = max(float(np.abs(e.numpy() - g).max()) / max(1.0, float(np.abs(e.numpy()).max()))
+               for e, g in zip(expected, got, strict=True))
+    if not diff < tolerance:
+        raise RuntimeError(f"ONNX export differs from the torch model by {diff:.2e} (> {tolerance:.0e})")
+    return diff
+
+
+def write_bundle(out_dir: Path, onnx_bytes: bytes, metadata: dict, outputs: list[str]) -> Path:
+    """Write graph then JSON atomically into `out_dir`; remove graphs no longer referenced. Returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256(onnx_bytes).hexdigest()
+    graph_name = f"model-{sha[:12]}.onnx"
+    atomic_write(out_dir / graph_name, onnx_bytes)
+    metadata = {"format": BUNDLE_FORMAT, **metadata, "graph": {"file": graph_name, "sha256": sha,
+                                                              "input": INPUT_NAME, "outputs": outputs}}
+    metadata.setdefault("model_id", f"{metadata.get('architecture', 'model')}-{sha[:8]}")
+    atomic_write(out_dir / "bundle.json", (json.dumps(metadata, indent=2) + "\n").encode())
+    for stale in out_dir.glob("model-*.onnx"):
+        if stale.name != graph_name:
+            stale.unlink(missing_ok=True)
+    return out_dir
+
+
+def export_bundle(model: nn.Module, out_dir: Path, *, image_size: int, mean: tuple[float, ...],
+                  std: tuple[float, ...], parity_images: np.ndarray, metadata: dict) -> Path:
+    """Export `model` (logits) as a bundle after checking ONNX parity on real photos."""
+    module = InferenceModel(model, mean, std)
+    onnx_bytes = to_onnx(module, image_size, module.output_names)
+    diff = check_parity(module, onnx_bytes, parity_images)
+    export_info = {"parity_max_abs_diff": diff, "torch": torch.__version__}
+    return write_bundle(out_dir, onnx_bytes, {**metadata, "export": export_info}, module.output_names)

@@ -1,0 +1,75 @@
+"""Model registry: name -> how to build it and what input it expects.
+
+Every model returns logits: one per photo for two classes (sigmoid, as the seed's Keras model),
+one per class otherwise (softmax). `Normalize` and the export wrapper turn photos into its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., nn.Module]  # build(num_classes, image_size, **options) -> module returning logits
+    image_size: int
+    mean: tuple[float, float, float]  # on the 0-255 pixel scale
+    std: tuple[float, float, float]
+    description: str
+    resize: str = "bilinear"
+    options: dict = field(default_factory=dict)  # extra keyword arguments the builder accepts, with defaults
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def num_outputs(num_classes: int) -> int:
+    return 1 if num_classes == 2 else num_classes
+
+
+def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 1) binary logits -> (N, 2) [p0, p1]; (N, C) logits -> softmax."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+class Normalize(nn.Module):
+    """Float pixels in [0, 1], NCHW -> the model's normalised input."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / 255)
+        self.register_buffer("scale", 255 / torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) * self.scale
+
+
+def build_model(name: str, num_classes: int, image_size: int | None = None, **options) -> nn.Module:
+    spec = get_spec(name)
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise ValueError(f"model {name!r} takes no option(s) {sorted(unknown)}; it takes {sorted(spec.options)}")
+    return spec.build(num_classes, image_size or spec.image_size, **{**spec.options, **options})
+
+
+# The architectures register themselves on import.
+from catdogcnn.models import efficientnet_lite, seed_cnn  # noqa: E402,F401

@@ -1,0 +1,238 @@
+"""Inference on a model bundle with onnxruntime, numpy and Pillow (never torch).
+
+    from catdogcnn import load_classifier
+    clf = load_classifier()              # the shipped default model
+    clf.predict("photo.jpg")             # Prediction(label='dog', confidence=0.97, ...)
+    list(clf.predict_many(["a.jpg", "folder/"]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many
+
+# Output names of the bundle graph (export.py writes them; it is not imported here because it needs torch).
+OUTPUT_NAME = "probabilities"
+IMAGENET_OUTPUT_NAME = "imagenet_probabilities"
+ACTIVATION_OUTPUT_NAME = "class_activation"
+
+DEFAULT_BUNDLE = "default"  # a folder of the repository's models/ (inside the wheel: catdogcnn/_bundles/)
+NEITHER = "neither"
+
+
+class BundleError(RuntimeError):
+    """A model bundle that cannot be used; the message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    source: str
+    label: str | None
+    confidence: float | None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    reason: str | None = None  # why the label is "neither": the ImageNet head's top guess
+    # Where in the photo the answer comes from: (h, w) in [0, 1] over the model's input; only when asked.
+    heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "heatmap"}
+
+
+def bundled_models_dir() -> Path:
+    """Where the shipped bundles are: inside the installed wheel, or the repository's models/ folder."""
+    packaged = Path(__file__).parent / "_bundles"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "models"
+
+
+def default_bundle_path() -> Path:
+    """`$CATDOGCNN_MODEL` when set, else the shipped default bundle."""
+    return Path(os.environ.get("CATDOGCNN_MODEL") or bundled_models_dir() / DEFAULT_BUNDLE)
+
+
+def read_bundle_metadata(bundle: str | os.PathLike) -> dict:
+    path = Path(bundle)
+    meta_path = path / "bundle.json" if path.is_dir() else path
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{meta_path}: no model bundle here (expected a folder with bundle.json)") from None
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{meta_path}: unreadable bundle metadata ({e})") from None
+    for key in ("classes", "input", "graph", "threshold"):
+        if key not in metadata:
+            raise BundleError(f"{meta_path}: bundle metadata lacks {key!r}")
+    return metadata
+
+
+def expand_photos(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders replaced by every non-hidden file inside them (recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+class Classifier:
+    """A loaded bundle: one onnxruntime session, reused for every call."""
+
+    def __init__(self, bundle: str | os.PathLike, threshold: float | None = None, threads: int | None = None,
+                 neither: bool = True, tta: bool | None = None):
+        import onnxruntime as ort
+
+        self.bundle = Path(bundle)
+        self.metadata = read_bundle_metadata(self.bundle)
+        bundle_dir = self.bundle if self.bundle.is_dir() else self.bundle.parent
+        graph = bundle_dir / self.metadata["graph"]["file"]
+        try:
+            graph_bytes = graph.read_bytes()
+        except OSError as e:
+            raise BundleError(f"{graph}: cannot read the model graph ({e.strerror or e})") from None
+        if hashlib.sha256(graph_bytes).hexdigest() != self.metadata["graph"]["sha256"]:
+            raise BundleError(f"{graph}: sha256 does not match bundle.json (corrupt or replaced file)")
+        self.classes: list[str] = list(self.metadata["classes"])
+        self.image_size: int = int(self.metadata["input"]["image_size"])
+        self.resize: str = self.metadata["input"].get("resize", "bilinear")
+        self.threshold: float = float(self.metadata["threshold"] if threshold is None else threshold)
+        self.model_id: str = self.metadata.get("model_id", graph.stem)
+        # Test-time augmentation: average over the photo and its mirror image (twice the work).
+        self.tta: bool = bool(self.metadata.get("tta", False) if tta is None else tta)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(graph_bytes, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a bad graph
+            raise BundleError(f"{graph}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
+        self._input = self.metadata["graph"]["input"]
+        self._outputs = list(self.metadata["graph"]["outputs"])
+        # "Neither cat nor dog": only bundles that carry an ImageNet head and its calibrated threshold.
+        self.neither_rule = self.metadata.get("neither") if neither else None
+        if self.neither_rule:
+            self._pet_indices = np.asarray(self.neither_rule["pet_indices"])
+        self._outputs_used = [OUTPUT_NAME] + ([IMAGENET_OUTPUT_NAME] if self.neither_rule else [])
+        self.can_explain = ACTIVATION_OUTPUT_NAME in self._outputs
+        # Pay for memory planning now, not on the first photo.
+        self._run(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
+
+    def __repr__(self) -> str:
+        return f"Classifier({self.model_id!r}, classes={self.classes}, threshold={self.threshold})"
+
+    def preprocess(self, photo: ImageSource) -> np.ndarray:
+        return decode_image(photo, self.image_size, self.resize)
+
+    def _run(self, images: np.ndarray, explain: bool = False) -> list[np.ndarray]:
+        """The graph's outputs in the order of `_outputs_used`, then the class activation maps if `explain`."""
+        images = np.ascontiguousarray(images, np.uint8)
+        names = self._outputs_used + ([ACTIVATION_OUTPUT_NAME] if explain else [])
+        if not self.tta:
+            return self.session.run(names, {self._input: images})
+        both = self.session.run(names, {self._input: np.concatenate([images, images[:, :, ::-1]])})
+        n = len(images)
+        # The mirrored view's activation maps are mirrored back before averaging.
+        return [(out[:n] + (out[n:][..., ::-1] if name == ACTIVATION_OUTPUT_NAME else out[n:])) / 2
+                for name, out in zip(names, both, strict=True)]
+
+    def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) for decoded uint8 photos (N, S, S, 3)."""
+        return self._run(images)[0]
+
+    def label(self, probabilities: np.ndarray) -> tuple[str, float]:
+        """Two classes: the second wins when its probability exceeds the threshold. More: the most probable."""
+        two = len(self.classes) == 2
+        index = int(probabilities[1] > self.threshold) if two else int(np.argmax(probabilities))
+        return self.classes[index], float(probabilities[index])
+
+    def predict_decoded(self, images: np.ndarray, sources: list[str], explain: bool = False) -> list[Prediction]:
+        """Predictions for decoded photos (N, S, S, 3) from `preprocess`, one model call for the batch.
+
+        `explain` adds each prediction's heat map (bundles with class activation maps only).
+        """
+        if explain and not self.can_explain:
+            raise BundleError(f"{self.bundle}: this model has no class activation output, so no heat maps")
+        outputs = self._run(images, explain)
+        out = []
+        for i, (source, probabilities) in enumerate(zip(sources, outputs[0], strict=True)):
+            per_class = {c: float(p) for c, p in zip(self.classes, probabilities, strict=True)}
+            label, confidence = self.label(probabilities)
+            reason = None
+            if self.neither_rule:
+                imagenet = outputs[1][i]
+                pet_mass = float(imagenet[self._pet_indices].sum())
+                if pet_mass < self.neither_rule["min_pet_probability"]:
+                    top = int(np.argmax(imagenet))
+                    label, confidence = NEITHER, 1.0 - pet_mass
+                    reason = (f"no cat or dog found: ImageNet sees {self.neither_rule['imagenet_names'][top]!r} "
+                              f"({imagenet[top]:.0%}), cat or dog {pet_mass:.1%}")
+            heat = _heatmap(outputs[-1][i], self.classes, per_class) if explain else None
+            out.append(Prediction(source, label, confidence, per_class, reason=reason, heatmap=heat))
+        return out
+
+    def predict(self, photo: ImageSource, explain: bool = False) -> Prediction:
+        """One photo (path, bytes or file object); raises BadImageError when it cannot be decoded."""
+        source = str(photo) if isinstance(photo, (str, os.PathLike)) else getattr(photo, "name", "<bytes>")
+        return self.predict_decoded(self.preprocess(photo)[None], [source], explain)[0]
+
+    @property
+    def batch_size(self) -> int:
+        """Photos per model call for folders: about 2 MB of input pixels (9 at 260 px, 162 at 64 px).
+
+        Larger batches gain little on a CPU, while the runtime's activation memory grows with them.
+        """
+        return max(1, min(256, 2_000_000 // (3 * self.image_size**2)))
+
+    def predict_many(self, photos: Iterable[str | os.PathLike], batch_size: int | None = None,
+                     workers: int | None = None) -> Iterator[Prediction]:
+        """Predictions in input order for files and folders; a bad photo yields a Prediction with `error`."""
+        batch_size = batch_size or self.batch_size
+        paths = expand_photos(photos)
+        pending: list[tuple[Path, np.ndarray]] = []
+
+        def flush() -> Iterator[Prediction]:
+            yield from self.predict_decoded(np.stack([arr for _, arr in pending]), [str(path) for path, _ in pending])
+            pending.clear()
+
+        decoded = decode_many(paths, self.image_size, self.resize, workers, window=4 * batch_size + 8)
+        for path, result in zip(paths, decoded, strict=True):
+            if isinstance(result, BadImageError):
+                if pending:  # keep input order: photos before the bad one come out first
+                    yield from flush()
+                yield Prediction(str(path), None, None, {}, str(result))
+                continue
+            pending.append((path, result))
+            if len(pending) >= batch_size:
+                yield from flush()
+        if pending:
+            yield from flush()
+
+
+def _heatmap(activation: np.ndarray, classes: list[str], probabilities: dict[str, float]) -> np.ndarray:
+    """The activation map of the more probable class, scaled to [0, 1] (0 = least, 1 = most evidence)."""
+    best = max(range(len(classes)), key=lambda i: probabilities[classes[i]])
+    # One binary logit: its map speaks for the second class, its negative for the first.
+    heat = (activation[0] if best == 1 else -activation[0]) if activation.shape[0] == 1 else activation[best]
+    span = float(heat.max() - heat.min())
+    return (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+
+
+def load_classifier(bundle: str | os.PathLike | None = None, **options) -> Classifier:
+    """Load a bundle (default: `$CATDOGCNN_MODEL` or the shipped model)."""
+    return Classifier(bundle or default_bundle_path(), **options)

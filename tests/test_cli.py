@@ -1,0 +1,83 @@
+"""The command line, run as a user runs it (a subprocess of the installed console script)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import make_class_folder, write_bad_files
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("catdogcnn") or sys.executable
+    prefix = [exe] if exe.endswith("catdogcnn") else [exe, "-m", "catdogcnn"]
+    return subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_predict_formats_and_exit_code(tiny_bundle, tmp_path):
+    make_class_folder(tmp_path / "photos", 3)
+    table = run("predict", tmp_path / "photos", "--model", tiny_bundle)
+    assert table.returncode == 0, table.stderr
+    assert len(table.stdout.splitlines()) == 6
+    rows = list(csv.DictReader(io.StringIO(run("predict", tmp_path / "photos", "--model", tiny_bundle,
+                                               "--format", "csv").stdout)))
+    assert len(rows) == 6 and {"path", "label", "confidence", "p_cats", "p_dogs"} <= set(rows[0])
+    lines = run("predict", tmp_path / "photos", "--model", tiny_bundle, "--format", "json").stdout.splitlines()
+    assert all(json.loads(line)["label"] in ("cats", "dogs") for line in lines)
+
+
+def test_predict_reports_each_bad_file_and_exits_1(tiny_bundle, tmp_path):
+    make_class_folder(tmp_path / "photos", 2)
+    bad = write_bad_files(tmp_path / "photos" / "dogs")
+    result = run("predict", tmp_path / "photos", "--model", tiny_bundle)
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == 4
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(bad) and all(any(name in e for e in errors) for name in bad)
+
+
+def test_seed_threshold_rule(tiny_bundle, tmp_path):
+    make_class_folder(tmp_path / "photos", 3)
+    rows = [json.loads(line) for line in run("predict", tmp_path / "photos", "--model", tiny_bundle,
+                                             "--threshold", "0.6", "--format", "json").stdout.splitlines()]
+    assert all((r["label"] == "dogs") == (r["probabilities"]["dogs"] > 0.6) for r in rows)
+
+
+def test_user_errors_are_one_line(tmp_path):
+    result = run("predict", tmp_path / "x.jpg", "--model", tmp_path / "nowhere")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no model bundle" in result.stderr
+    result = run("evaluate", tmp_path)
+    assert result.returncode == 2 and "no class sub-folders" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_json(tiny_bundle, seed_layout):
+    result = run("evaluate", seed_layout, "--model", tiny_bundle, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n"] == 60 and report["classes"] == ["cats", "dogs"]
+    assert {"accuracy", "log_loss", "confusion_matrix", "roc_auc", "per_class", "bad_files"} <= set(report)
+    assert sum(map(sum, report["confusion_matrix"])) == 60
+
+
+def test_data_check(seed_layout):
+    write_bad_files(seed_layout / "training_set" / "cats")
+    report = json.loads(run("data", "check", seed_layout, "--json").stdout)
+    assert report["counts"]["train"] == {"cats": 80, "dogs": 80}
+    assert len(report["bad_files"]) == 5
+
+
+def test_train_command(seed_layout, tmp_path):
+    result = run("train", seed_layout, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "32",
+                 "--augment", "none")
+    assert result.returncode == 0, result.stderr
+    assert "epoch   1/1" in result.stderr and (tmp_path / "run" / "bundle" / "bundle.json").exists()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"epochs": 1, "lr": 0.0005}))
+    result = run("train", seed_layout, "--out", tmp_path / "run2", "--config", config)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "run2" / "bundle" / "bundle.json").read_text())
+    assert meta["training"]["config"]["lr"] == 0.0005

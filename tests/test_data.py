@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_class_folder, synthetic_photo, write_bad_files
+from PIL import Image
+
+from catdogcnn import data as D
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_decode_resizes_to_rgb_uint8():
+    arr = D.decode_image(encode(synthetic_photo(0, np.random.default_rng(0), 100), "JPEG"), 64)
+    assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1"])
+def test_every_mode_becomes_rgb(mode):
+    img = synthetic_photo(1, np.random.default_rng(1), 32)
+    grey16 = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+    img = grey16 if mode == "I;16" else img.convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG" if mode != "1" else "BMP"
+    arr = D.decode_image(encode(img, fmt), 32)
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+    assert 20 < arr.mean() < 235  # not crushed to black or white
+
+
+def test_sixteen_bit_png_keeps_its_brightness():
+    grey = np.full((8, 8), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    arr = D.decode_image(encode(Image.fromarray(grey), "PNG"))
+    assert abs(int(arr[0, 0, 0]) - 128) <= 1
+
+
+def test_transparency_is_composited_on_white():
+    img = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert D.decode_image(encode(img, "PNG")).min() == 255
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 20, 20))  # blue left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    arr = D.decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert arr.shape == (40, 20, 3)  # portrait now
+    assert arr[5, 10, 2] > 200 and arr[35, 10, 0] > 200  # blue on top, red below
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "WEBP"])
+def test_jpg_name_with_other_format_inside(tmp_path, fmt):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode(synthetic_photo(0, np.random.default_rng(2), 48), fmt))
+    assert D.decode_image(path, 32).shape == (32, 32, 3)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    path = tmp_path / "big.jpg"
+    synthetic_photo(0, np.random.default_rng(3), 2048).save(path, quality=85)
+    img = Image.open(path)
+    img.draft("RGB", (64, 64))
+    assert img.size[0] <= 512  # draft mode is what decode_image relies on
+    assert D.decode_image(path, 64).shape == (64, 64, 3)
+
+
+def test_bad_files_each_get_a_one_line_reason(tmp_path):
+    expected = write_bad_files(tmp_path)
+    for name, word in expected.items():
+        with pytest.raises(D.BadImageError) as info:
+            D.decode_image(tmp_path / name, 64)
+        message = str(info.value)
+        assert "\n" not in message and name in message and word in message, message
+
+
+def test_unreadable_file_is_reported(tmp_path, monkeypatch):
+    path = tmp_path / "locked.jpg"
+    path.write_bytes(encode(synthetic_photo(0, np.random.default_rng(4), 16), "JPEG"))
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: make open() refuse as it would for a normal user
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(D, "open", refuse, raising=False)
+    with pytest.raises(D.BadImageError, match="permission denied"):
+        D.decode_image(path, 16)
+
+
+def test_load_images_skips_and_reports_bad_files(tmp_path, caplog):
+    make_class_folder(tmp_path, 6)
+    expected = write_bad_files(tmp_path / "dogs")
+    classes, samples = D.scan_folder(tmp_path)
+    found = D.load_images(samples, classes, 32, cache_dir=tmp_path / "cache")
+    assert len(found) == 12 and len(found.bad) == len(expected)
+    assert found.summary()["bad_files"] == len(expected)
+    assert sorted(Path(e.path).name for e in found.bad) == sorted(expected)
+    reported = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(reported) == len(expected)  # each reported once
+
+
+def test_cache_is_reused_and_memory_mapped(tmp_path, monkeypatch):
+    make_class_folder(tmp_path / "photos", 5)
+    classes, samples = D.scan_folder(tmp_path / "photos")
+    first = D.load_images(samples, classes, 32, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(D, "decode_image", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+    second = D.load_images(samples, classes, 32, cache_dir=tmp_path / "cache")
+    assert isinstance(second.images, np.memmap) or isinstance(second.images.base, np.memmap)
+    np.testing.assert_array_equal(first.images, second.images)
+    assert second.paths == first.paths and (second.labels == first.labels).all()
+
+
+def test_cache_notices_a_changed_file(tmp_path):
+    make_class_folder(tmp_path / "photos", 3)
+    classes, samples = D.scan_folder(tmp_path / "photos")
+    first = D.load_images(samples, classes, 16, cache_dir=tmp_path / "cache")
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(samples[0].path)
+    os.utime(samples[0].path, ns=(1, 1))
+    second = D.load_images(samples, classes, 16, cache_dir=tmp_path / "cache")
+    assert not np.array_equal(first.images[0], second.images[0])
+
+
+def test_layouts_and_stratified_split(tmp_path, seed_layout):
+    assert set(D.resolve_splits(seed_layout)) == {"train", "test"}
+    assert D.evaluation_folder(seed_layout) == seed_layout / "test_set"
+    plain = make_class_folder(tmp_path / "plain", 10, classes=("ant", "bee", "cow"))
+    assert D.resolve_splits(plain) == {"train": plain}
+    classes, samples = D.scan_folder(plain)
+    assert classes == ["ant", "bee", "cow"]
+    kept, held = D.stratified_split(samples, 0.3, seed=0)
+    assert sorted(s.label for s in held) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert D.stratified_split(samples, 0.3, seed=0) == (kept, held)  # seeded
+    assert not {s.path for s in kept} & {s.path for s in held}
+
+
+def test_folder_without_classes_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        D.resolve_splits(tmp_path)
+
+
+def test_check_finds_duplicates_leakage_and_conflicts(tmp_path, seed_layout):
+    train, test = seed_layout / "training_set", seed_layout / "test_set"
+    (test / "cats" / "leak.jpg").write_bytes((train / "cats" / "cats.0.jpg").read_bytes())
+    (train / "dogs" / "conflict.jpg").write_bytes((train / "cats" / "cats.1.jpg").read_bytes())
+    (train / "cats" / "twin.jpg").write_bytes((train / "cats" / "cats.2.jpg").read_bytes())
+    synthetic_photo(0, np.random.default_rng(9), 64).save(train / "cats" / "near_a.png")
+    Image.open(train / "cats" / "near_a.png").resize((80, 80)).save(train / "cats" / "near_b.png")
+    write_bad_files(train / "dogs")
+    report = D.check_dataset(seed_layout, cache_dir=tmp_path / "cache")
+    kinds = sorted(p.kind for p in report.exact_duplicates)
+    assert kinds == ["across classes (label conflict)", "across splits (leakage)", "within split"]
+    assert any({Path(p.a).name, Path(p.b).name} == {"near_a.png", "near_b.png"} for p in report.near_duplicates)
+    assert len(report.bad) == 5
+    assert report.counts["test"] == {"cats": 31, "dogs": 30}
+
+
+def test_check_finds_the_13_known_pairs(real_data):
+    report = D.check_dataset(real_data)
+    pairs = {frozenset(Path(x).stem for x in (p.a, p.b)) for p in report.exact_duplicates}
+    assert len(report.exact_duplicates) == 13
+    assert frozenset({"cat.4435", "cat.3411"}) in pairs and frozenset({"cat.8456", "dog.8736"}) in pairs

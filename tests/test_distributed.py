@@ -1,0 +1,103 @@
+"""Training across processes (DistributedDataParallel, gloo on the CPU) and surviving SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_class_folder
+
+from catdogcnn.evaluate import evaluate
+from catdogcnn.predict import Classifier
+from catdogcnn.train import load_checkpoint
+
+ARGS = ["--epochs", "3", "--batch-size", "16", "--augment", "seed", "--val-fraction", "0.2", "--seed", "3"]
+
+
+def catdogcnn(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "catdogcnn", *map(str, args)],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    make_class_folder(root / "training_set", 60, seed=11)
+    make_class_folder(root / "test_set", 30, seed=12)
+    return root
+
+
+def test_two_processes_converge_with_identical_weights(data, tmp_path):
+    run = catdogcnn("train", data, "--out", tmp_path / "run", "--nproc", "2", *ARGS)
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output
+    meta = json.loads((tmp_path / "run" / "bundle" / "bundle.json").read_text())
+    distributed = meta["training"]["distributed"]
+    assert distributed == {"processes": 2, "backend": "gloo", "effective_batch_size": 32,
+                           "weights_identical": True}
+    assert evaluate(data, Classifier(tmp_path / "run" / "bundle"))["accuracy"] > 0.9
+    assert output.count("epoch   1/3") == 1  # only the first process logs
+
+
+def wait_for(predicate, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            pytest.fail("timed out")
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
+    straight = catdogcnn("train", data, "--out", tmp_path / "straight", *ARGS)
+    assert straight.wait(timeout=600) == 0
+    killed = catdogcnn("train", data, "--out", tmp_path / "killed", *ARGS)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    wait_for(lambda: (tmp_path / "killed" / "last.pt").exists())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "bundle").exists()
+    resumed = catdogcnn("train", data, "--out", tmp_path / "killed", "--resume", *ARGS)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("straight", "killed"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_kills_at_any_moment_never_leave_a_truncated_file(data, tmp_path):
+    """Kill a run at several moments, checkpointing and export included: what is on disk always loads."""
+    out = tmp_path / "run"
+    for delay in (0.5, 1.5, 2.5, 3.5, 4.5, 6.0):
+        run = catdogcnn("train", data, "--out", out, *ARGS, *(["--resume"] if (out / "last.pt").exists() else []))
+        time.sleep(delay)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        if (out / "last.pt").exists():
+            load_checkpoint(out / "last.pt")
+        if (out / "best.pt").exists():
+            load_checkpoint(out / "best.pt")
+        if (out / "bundle" / "bundle.json").exists():
+            Classifier(out / "bundle")  # checks the graph's sha256 against the JSON
+        assert not list(out.glob("*.tmp")) or all(p.name.startswith(".") for p in out.glob("*.tmp"))
+
+
+def test_full_disk_is_refused_before_training(data, tmp_path, monkeypatch):
+    from catdogcnn.train import TrainConfig, train
+
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Full())
+    with pytest.raises(OSError, match="MB free"):
+        train(data, tmp_path / "run", TrainConfig(epochs=1), show_progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

