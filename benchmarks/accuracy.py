@@ -3,9 +3,9 @@
     python benchmarks/accuracy.py --data ../shared/data/cats_vs_dogs \\
         [--bundle NAME=PATH ...] [--tta NAME ...]
 
-Default rows: the shipped models (models/seed_cnn, models/default). Training time and parameters come
-from each bundle's JSON (measured when it was trained); latency is measured here, one photo file to
-label, median of 50 calls. `--tta NAME` adds a row with flip test-time augmentation for that bundle.
+Default rows: the shipped models (models/seed_cnn, models/default, models/default-float). Training time
+and parameters come from each bundle's JSON (measured when it was trained); latency is measured here,
+one photo file to label, median of 50 calls. `--tta NAME` adds a row with flip test-time augmentation for that bundle.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main() -> None:
     args = parser.parse_args()
 
     bundles = {"seed_cnn (shipped)": bundled_models_dir() / "seed_cnn",
-               "default (shipped)": bundled_models_dir() / "default"}
+               "default (shipped, int8)": bundled_models_dir() / "default",
+               "default-float": bundled_models_dir() / "default-float"}
     bundles.update(dict(item.split("=", 1) for item in args.bundle))
     non_pets = None
     try:

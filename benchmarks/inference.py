@@ -2,9 +2,10 @@
 
     python benchmarks/inference.py --data ../shared/data/cats_vs_dogs [--calls 200] [--memory]
 
-Rows: (a) the shipped default model through `Classifier` (onnxruntime), (b) the same model in torch
-eager (built from the registry with the bundle's own weights, checked to agree), (c) the seed CNN
-bundle. Single-photo latency is file on disk to label; folder throughput runs the whole test_set.
+Rows: (a) the shipped default model (int8) through `Classifier` (onnxruntime), (a') the float bundle
+it was quantized from, (b) that float model in torch eager (built from the registry with the bundle's own
+weights, checked to agree), (c) the seed CNN bundle. Single-photo latency is file on disk to label;
+folder throughput runs the whole test_set.
 Also the time from `import catdogcnn` to the first label in a fresh interpreter, and with --memory
 the peak memory of `catdogcnn predict` over >= 25,000 photos (every split, training_set twice).
 """
@@ -91,13 +92,15 @@ def main() -> None:
         rows.append([name, f"{clf.image_size}", f"{p50:.1f}", f"{p99:.1f}", f"{throughput:.0f}"])
 
     shipped = Classifier(bundled_models_dir() / "default")
-    classifier_row(f"(a) shipped `{shipped.model_id}`, Classifier (onnxruntime)", shipped)
+    classifier_row(f"(a) shipped `{shipped.model_id}` (int8), Classifier (onnxruntime)", shipped)
+    float_bundle = Classifier(bundled_models_dir() / "default-float")
+    classifier_row(f"(a') its float original `{float_bundle.model_id}`, Classifier (onnxruntime)", float_bundle)
 
-    eager = torch_equivalent(bundled_models_dir() / "default")
-    size = shipped.image_size
+    eager = torch_equivalent(bundled_models_dir() / "default-float")
+    size = float_bundle.image_size
     check = np.stack([decode_image(p, size) for p in photos[:8]])
     with torch.inference_mode():
-        diff = np.abs(eager(torch.from_numpy(check))[0].numpy() - shipped.predict_arrays(check)).max()
+        diff = np.abs(eager(torch.from_numpy(check))[0].numpy() - float_bundle.predict_arrays(check)).max()
     assert diff < 1e-4, f"torch and onnxruntime disagree by {diff}"
 
     def eager_one(path: Path) -> None:
@@ -118,7 +121,7 @@ def main() -> None:
 
     p50, p99 = time_single(eager_one, single_photos, args.calls)
     torch_throughput = time_folder(eager_all, photos)
-    rows.append(["(b) same model, torch eager (channels-last, inference mode)", f"{size}", f"{p50:.1f}",
+    rows.append(["(b) the float model, torch eager (channels-last, inference mode)", f"{size}", f"{p50:.1f}",
                  f"{p99:.1f}", f"{torch_throughput:.0f}"])
     classifier_row("(c) seed CNN bundle, Classifier (onnxruntime)", Classifier(bundled_models_dir() / "seed_cnn"))
 
@@ -137,8 +140,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    speedup = float(rows[0][4]) / torch_throughput
-    print(f"\nClassifier vs torch eager, same model, folder throughput: {speedup:.1f}x")
+    print(f"\nFolder throughput against torch eager: shipped int8 {float(rows[0][4]) / torch_throughput:.1f}x, "
+          f"float in onnxruntime {float(rows[1][4]) / torch_throughput:.1f}x")
     print(f"`import catdogcnn` + load + first label: {in_process * 1000:.0f} ms in process "
           f"({whole * 1000:.0f} ms with interpreter start-up; median of 3); torch imported: {torch_loaded}")
 

@@ -24,10 +24,11 @@ from catdogcnn.predict import Classifier
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_run(data: Path, out: Path, seed: int, epochs: int) -> tuple[float, Path]:
+def train_run(data: Path, out: Path, seed: int, *flags: str) -> tuple[float, Path]:
+    """Train the seed CNN (the seed recipe, changed by `flags`) in a subprocess; (seconds, bundle)."""
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "catdogcnn", "train", str(data), "--model", "seed_cnn", "--out", str(out),
-           "--seed", str(seed), "--epochs", str(epochs)]
+           "--seed", str(seed), *flags]
     subprocess.run(cmd, check=True)
     return time.perf_counter() - started, out / "bundle"
 
@@ -43,7 +44,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("CATDOGCNN_DATA",
                                                                          ROOT.parent / "shared/data/cats_vs_dogs")))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--epochs", type=int, help="default: the recipe's (25 for the seed's)")
+    parser.add_argument("--config", type=Path, help="a recipe file (e.g. a tuned best_config.json) instead of "
+                                                    "the seed recipe; the model stays the seed CNN")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_seed_cnn")
     parser.add_argument("--keras", help="Python with tensorflow-cpu, to time the Keras original side by side")
     parser.add_argument("--keras-epochs", type=int, default=3)
@@ -51,7 +54,9 @@ def main() -> None:
 
     rows = []
     for seed in args.seeds:
-        total, bundle = train_run(args.data, args.out / f"seed{seed}", seed, args.epochs)
+        flags = (["--epochs", str(args.epochs)] if args.epochs else []) + (
+            ["--config", str(args.config)] if args.config else [])
+        total, bundle = train_run(args.data, args.out / f"seed{seed}", seed, *flags)
         records = [json.loads(line) for line in (args.out / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
         test = evaluate(args.data, Classifier(bundle))
         test_06 = evaluate(args.data, Classifier(bundle, threshold=0.6))
@@ -62,7 +67,11 @@ def main() -> None:
                      "epoch": json.loads((bundle / "bundle.json").read_text())["training"]["epoch"]})
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
-    print(f"\nSeed recipe ({args.epochs} epochs, batch 32, Adam 1e-3, flip/shear/zoom) on {args.data}; "
+    recipe = (f"recipe {args.config}: " + json.dumps({k: v for k, v in json.loads(args.config.read_text()).items()
+                                                     if k in ("epochs", "batch_size", "lr", "optimizer", "weight_decay",
+                                                              "schedule", "dropout", "augment")})
+              if args.config else "Seed recipe (25 epochs, batch 32, Adam 1e-3, flip/shear/zoom)")
+    print(f"\n{recipe}{f', {args.epochs} epochs' if args.epochs else ''} on {args.data}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end\n")
     print("| seed | train acc | test acc @0.5 | test acc @0.6 | test log loss | s/epoch (median) | images/s | "
           "total s | exported epoch |")

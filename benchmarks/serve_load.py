@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", help="bundle to serve (default: the shipped model)")
+    parser.add_argument("--max-batch", type=int, help="the server's micro-batch limit (default: its own)")
     args = parser.parse_args()
 
     _, samples = scan_folder(args.data / "test_set")
@@ -76,8 +77,9 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "catdogcnn", "serve", "--port", str(port)] + (["--model", args.model] if args.model
-                                                                               else [])
+    cmd = [sys.executable, "-m", "catdogcnn", "serve", "--port", str(port)]
+    cmd += (["--model", args.model] if args.model else []) + (["--max-batch", str(args.max_batch)] if args.max_batch
+                                                             else [])
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

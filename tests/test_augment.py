@@ -1,32 +1,72 @@
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import pytest
 import torch
 
-from catdogcnn.augment import PRESETS, AugmentConfig, augment_batch
+from catdogcnn.augment import PRESETS, AugmentConfig, augment_batch, mix_batch, parse_augment
+
+# Each augmentation switched on alone, at a typical strength.
+SINGLE = {
+    "hflip": AugmentConfig(hflip=True),
+    "shear_degrees": AugmentConfig(shear_degrees=15),
+    "zoom": AugmentConfig(zoom=0.2),
+    "crop_area": AugmentConfig(crop_area=0.3, crop_ratio=4 / 3),
+    "brightness": AugmentConfig(brightness=0.4),
+    "contrast": AugmentConfig(contrast=0.4),
+    "saturation": AugmentConfig(saturation=0.4),
+    "cutout": AugmentConfig(cutout=0.3),
+    "mixup": AugmentConfig(mixup=0.4),
+    "cutmix": AugmentConfig(cutmix=1.0),
+}
+CONFIGS = {**{f"preset {k}": v for k, v in PRESETS.items()}, **SINGLE,
+           "everything": replace(PRESETS["strong"], mixup=0.2, cutmix=1.0)}
 
 
 def batch() -> torch.Tensor:
     return torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_shapes_and_ranges_are_kept(name):
-    x = batch()
-    y = augment_batch(x, PRESETS[name], torch.Generator().manual_seed(1))
-    assert y.shape == x.shape and y.dtype == x.dtype and y.min() >= 0 and y.max() <= 1
+def labels() -> torch.Tensor:
+    return torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]).float()
 
 
-def test_deterministic_under_a_seed():
-    a = augment_batch(batch(), PRESETS["seed"], torch.Generator().manual_seed(3))
-    b = augment_batch(batch(), PRESETS["seed"], torch.Generator().manual_seed(3))
-    c = augment_batch(batch(), PRESETS["seed"], torch.Generator().manual_seed(4))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+def apply(config: AugmentConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return mix_batch(augment_batch(batch(), config, generator), labels(), config, generator)
+
+
+def test_every_field_is_tested():
+    assert set(SINGLE) | {"crop_ratio"} == {f.name for f in fields(AugmentConfig)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_shapes_ranges_and_labels_are_kept(name):
+    x, y = apply(CONFIGS[name], 1)
+    assert x.shape == batch().shape and x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+    assert y.shape == labels().shape and y.min() >= 0 and y.max() <= 1
+    if not CONFIGS[name].mixes:
+        assert torch.equal(y, labels())
+    assert torch.isclose(y.sum(), labels().sum(), atol=1e-5)  # mixing with a permutation keeps the label mass
+
+
+@pytest.mark.parametrize("name", [k for k in CONFIGS if k != "preset none"])
+def test_deterministic_under_a_seed_and_changes_the_photos(name):
+    a, b, c = apply(CONFIGS[name], 3), apply(CONFIGS[name], 3), apply(CONFIGS[name], 4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(a[0], batch())
 
 
 def test_off_is_a_no_op():
-    x = batch()
-    assert augment_batch(x, PRESETS["none"], torch.Generator()) is x
+    x, y = batch(), labels()
+    generator = torch.Generator().manual_seed(0)
+    assert augment_batch(x, PRESETS["none"], generator) is x
+    assert mix_batch(x, y, PRESETS["none"], generator) == (x, y)
+    for config in SINGLE.values():  # a field at zero switches its augmentation off
+        off = replace(config, **{f.name: f.default for f in fields(AugmentConfig)})
+        assert off.is_identity
 
 
 def test_flip_alone_is_exact():
@@ -35,3 +75,32 @@ def test_flip_alone_is_exact():
     for a, b in zip(x, y, strict=True):
         assert torch.equal(a, b) or torch.equal(a.flip(2), b)
     assert any(not torch.equal(a, b) for a, b in zip(x, y, strict=True))
+
+
+def test_cutout_paints_a_grey_square():
+    x = torch.zeros(4, 3, 20, 20)
+    y = augment_batch(x, AugmentConfig(cutout=0.5), torch.Generator().manual_seed(0))
+    grey = (y == 0.5).all(1).float().mean((1, 2))
+    assert ((grey > 0) & (grey <= 0.25 + 1e-6)).all()
+
+
+def test_mixup_blends_photos_and_labels_alike():
+    x = torch.stack([torch.full((3, 4, 4), float(i % 2)) for i in range(8)])  # photo value == its label
+    y = torch.tensor([float(i % 2) for i in range(8)])
+    mixed, targets = mix_batch(x, y, AugmentConfig(mixup=1.0), torch.Generator().manual_seed(5))
+    assert torch.allclose(mixed.mean((1, 2, 3)), targets, atol=1e-6)
+
+
+def test_multiclass_targets_stay_distributions():
+    y = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 2]), 3).float()
+    _, targets = mix_batch(torch.rand(4, 3, 8, 8), y, AugmentConfig(cutmix=1.0), torch.Generator().manual_seed(2))
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+
+
+def test_parse_augment():
+    assert parse_augment("seed") == PRESETS["seed"]
+    assert parse_augment("crop, cutout=0.25,mixup=0.2") == replace(PRESETS["crop"], cutout=0.25, mixup=0.2)
+    assert parse_augment("none,hflip=true").hflip
+    for bad in ("fancy", "seed,colour=1", "seed,cutout", "seed,cutout=big", "seed,crop_area=0", "seed,zoom=-1"):
+        with pytest.raises(ValueError):
+            parse_augment(bad)

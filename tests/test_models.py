@@ -21,7 +21,27 @@ def test_seed_cnn_matches_keras_parameter_count():
 
 
 def test_registry_lists_every_architecture():
-    assert {"seed_cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(REGISTRY)
+    known = {"seed_cnn", "resnet_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert known <= set(REGISTRY)
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_small_resnet_shapes_and_options(size):
+    model = build_model("resnet_small", 2)
+    assert 1_100_000 < sum(p.numel() for p in model.parameters()) < 1_300_000
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, 1)  # global pooling: any input size
+    wide = build_model("resnet_small", 3, width=16, blocks_per_stage=2)
+    assert wide(torch.zeros(2, 3, size, size)).shape == (2, 3)
+    with pytest.raises(ValueError, match="depth"):
+        build_model("resnet_small", 2, depth=3)
+
+
+def test_small_resnet_starts_as_its_shortcuts():
+    """Each residual branch's last batch norm starts at zero, so a block starts as relu(shortcut)."""
+    body = build_model("resnet_small", 2, width=8, blocks_per_stage=2).body.eval()
+    block = body[3]  # stem conv, ReLU, first block (8 -> 16 channels), then this one: 16 -> 16, identity shortcut
+    x = torch.randn(2, 16, 6, 6)
+    assert torch.equal(block(x), torch.relu(x))
 
 
 def test_probabilities_from_logits():

@@ -143,3 +143,25 @@ def test_linear_probe_recipe(tmp_path):
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["training"]["probe_c"] == 0.1 and meta["metrics"]["val_accuracy"] > 0.9
     assert evaluate(tmp_path / "test", Classifier(bundle, neither=False))["accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("classes", [("cats", "dogs"), ("ant", "bee", "cow")])
+def test_mixing_augmentations_train_and_are_recorded(tmp_path, classes):
+    """Mixup/cutmix soft labels through the loss, for one logit (two classes) and softmax (three)."""
+    make_class_folder(tmp_path / "data", 30, classes=classes, seed=10)
+    augment = "strong,mixup=0.4,cutmix=1"
+    bundle = train(tmp_path / "data", tmp_path / "run", TrainConfig(**{**FAST, "augment": augment}),
+                   cache_dir=tmp_path / "cache", show_progress=False)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["training"]["config"]["augment"] == augment
+    assert meta["training"]["augment"]["mixup"] == 0.4 and meta["training"]["augment"]["cutout"] == 0.3
+    assert meta["metrics"]["val_accuracy"] > 0.6  # it still learns under all of that
+
+
+def test_small_resnet_learns(tmp_path):
+    make_class_folder(tmp_path / "data", 40, seed=11)
+    config = TrainConfig(**{**FAST, "model": "resnet_small", "epochs": 4, "lr": 0.05, "optimizer": "sgd",
+                            "schedule": "cosine", "warmup_epochs": 0.5, "augment": "flip"})
+    bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["architecture"] == "resnet_small" and meta["metrics"]["val_accuracy"] > 0.9

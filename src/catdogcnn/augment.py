@@ -1,18 +1,22 @@
 """Train-time augmentation on whole batches (one affine warp per batch, no per-image Python work).
 
+Each augmentation is a field of `AugmentConfig` (0 or False switches it off); a preset names a set of
+them, and "PRESET,field=value,..." adjusts one (`parse_augment`). The resolved fields are recorded in
+the bundle. Order: geometry (flip, shear, zoom, random resized crop: one warp), colour jitter, cutout,
+then mixup or cutmix, which also mix the labels (`mix_batch`).
+
 The seed's Keras ImageDataGenerator: horizontal flip, shear_range=0.2 and zoom_range=0.2. Keras
 reads shear_range in degrees, so the seed's shear is 0.2 degrees (almost nothing); we keep that
 meaning so "seed" reproduces the seed. Zoom draws x and y scales independently from [0.8, 1.2].
 Out-of-image pixels repeat the border, as Keras's fill_mode="nearest".
-"crop" is the usual fine-tuning augmentation: a random resized crop (area and aspect ratio drawn
-per photo) and a flip.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,17 +28,27 @@ class AugmentConfig:
     zoom: float = 0.0  # x and y scales drawn from [1 - zoom, 1 + zoom]
     crop_area: float = 1.0  # random resized crop: area fraction drawn from [crop_area, 1]; 1 is off
     crop_ratio: float = 1.0  # and aspect ratio from [1 / crop_ratio, crop_ratio]
+    brightness: float = 0.0  # colour jitter: each factor drawn from [1 - x, 1 + x] per photo
+    contrast: float = 0.0
+    saturation: float = 0.0
+    cutout: float = 0.0  # side of a grey square (fraction of the photo's side) pasted at a random place
+    mixup: float = 0.0  # Beta(a, a) parameter of mixup (photos and labels blended); 0 is off
+    cutmix: float = 0.0  # Beta(a, a) parameter of cutmix (a box of another photo pasted, labels by area)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
     def is_identity(self) -> bool:
-        return not self.hflip and self.shear_degrees == 0 and self.zoom == 0 and self.crop_area == 1
+        return self == AugmentConfig()
 
     @property
-    def flips_only(self) -> bool:
-        return self.shear_degrees == 0 and self.zoom == 0 and self.crop_area == 1
+    def geometric(self) -> bool:
+        return self.shear_degrees != 0 or self.zoom != 0 or self.crop_area != 1
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
 
 
 PRESETS = {
@@ -42,38 +56,72 @@ PRESETS = {
     "flip": AugmentConfig(hflip=True),
     "seed": AugmentConfig(hflip=True, shear_degrees=0.2, zoom=0.2),
     "crop": AugmentConfig(hflip=True, crop_area=0.35, crop_ratio=4 / 3),
+    "strong": AugmentConfig(hflip=True, shear_degrees=10, crop_area=0.35, crop_ratio=4 / 3, brightness=0.3,
+                            contrast=0.3, saturation=0.3, cutout=0.3),
 }
 
 
-def get_preset(name: str) -> AugmentConfig:
+def parse_augment(spec: str) -> AugmentConfig:
+    """"crop" or "crop,cutout=0.25,mixup=0.2": a preset, then fields set one by one."""
+    name, *settings = [part.strip() for part in spec.split(",")]
     if name not in PRESETS:
-        raise KeyError(f"unknown augmentation {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
+        raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(PRESETS)}")
+    types = {f.name: f.type for f in fields(AugmentConfig)}
+    changes: dict = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in types or not value:
+            raise ValueError(f"augmentation setting {setting!r}: expected FIELD=VALUE, FIELD one of {', '.join(types)}")
+        try:
+            changes[key] = value.lower() in ("1", "true", "yes", "on") if types[key] == "bool" else float(value)
+        except ValueError:
+            raise ValueError(f"augmentation setting {setting!r}: {value!r} is not a number") from None
+    config = replace(PRESETS[name], **changes)
+    numbers = [config.shear_degrees, config.zoom, config.brightness, config.contrast, config.saturation,
+               config.cutout, config.mixup, config.cutmix]
+    if min(numbers) < 0 or not 0 < config.crop_area <= 1 or config.crop_ratio < 1 or config.zoom >= 1:
+        raise ValueError(f"augmentation {spec!r}: values out of range (crop_area in (0, 1], crop_ratio >= 1, "
+                         "zoom < 1, the rest >= 0)")
+    return config
 
 
 def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Augment float images (N, C, H, W); random draws come from `generator` so a seed fixes them."""
+    """Augment float images (N, C, H, W) in [0, 1]; random draws come from `generator` so a seed fixes them.
+
+    Mixup and cutmix are not applied here: they change the labels too (`mix_batch`).
+    """
     if config.is_identity:
         return images
+    images = _geometry(images, config, generator)
+    if config.brightness or config.contrast or config.saturation:
+        images = _colour_jitter(images, config, generator)
+    if config.cutout:
+        images = _cutout(images, config.cutout, generator)
+    return images
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (high - low) + low
+
+
+def _geometry(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     n = images.shape[0]
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(n, generator=generator) * (high - low) + low
-
+    if not config.hflip and not config.geometric:
+        return images
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if config.hflip else torch.ones(n)
-    if config.flips_only:  # exact, no resampling blur
+    if not config.geometric:  # exact, no resampling blur
         flipped = (flip < 0).to(images.device).view(n, 1, 1, 1)
         return torch.where(flipped, images.flip(3), images)
-    zoom_x = uniform(1 - config.zoom, 1 + config.zoom)
-    zoom_y = uniform(1 - config.zoom, 1 + config.zoom)
-    shear = uniform(-config.shear_degrees, config.shear_degrees) * (math.pi / 180)
+    zoom_x = _uniform(n, 1 - config.zoom, 1 + config.zoom, generator)
+    zoom_y = _uniform(n, 1 - config.zoom, 1 + config.zoom, generator)
+    shear = _uniform(n, -config.shear_degrees, config.shear_degrees, generator) * (math.pi / 180)
     # Random resized crop: the crop's width and height as fractions of the photo, and where it sits.
-    area = uniform(config.crop_area, 1.0)
-    log_ratio = uniform(-math.log(config.crop_ratio), math.log(config.crop_ratio))
+    area = _uniform(n, config.crop_area, 1.0, generator)
+    log_ratio = _uniform(n, -math.log(config.crop_ratio), math.log(config.crop_ratio), generator)
     crop_w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1)
     crop_h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1)
-    shift_x = uniform(-1, 1) * (1 - crop_w)
-    shift_y = uniform(-1, 1) * (1 - crop_h)
+    shift_x = _uniform(n, -1, 1, generator) * (1 - crop_w)
+    shift_y = _uniform(n, -1, 1, generator) * (1 - crop_h)
     # Output -> input coordinates (as Keras composes them: shear @ zoom), inside the crop, x flipped.
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = zoom_x * crop_w * flip
@@ -84,3 +132,62 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
     theta = theta.to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _colour_jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation factors per photo, as torchvision's ColorJitter defines them."""
+    n = images.shape[0]
+
+    def factor(strength: float) -> torch.Tensor:
+        return _uniform(n, 1 - strength, 1 + strength, generator).clamp(min=0).to(images).view(n, 1, 1, 1)
+
+    weights = torch.tensor([0.299, 0.587, 0.114]).to(images).view(1, 3, 1, 1)
+    images = images * factor(config.brightness)
+    grey = (images * weights).sum(1, keepdim=True)
+    images = (images - grey.mean((2, 3), keepdim=True)) * factor(config.contrast) + grey.mean((2, 3), keepdim=True)
+    grey = (images * weights).sum(1, keepdim=True)
+    images = grey + (images - grey) * factor(config.saturation)
+    return images.clamp(0, 1)
+
+
+def _box_masks(n: int, height: int, width: int, side_h: torch.Tensor, side_w: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+    """(N, 1, H, W) boolean masks of one box per photo, sides in pixels, centre uniform (box clipped at edges)."""
+    centre_y = torch.rand(n, generator=generator) * height
+    centre_x = torch.rand(n, generator=generator) * width
+    rows = torch.arange(height).view(1, height, 1) + 0.5
+    cols = torch.arange(width).view(1, 1, width) + 0.5
+    inside_y = (rows - centre_y.view(n, 1, 1)).abs() < side_h.view(n, 1, 1) / 2
+    inside_x = (cols - centre_x.view(n, 1, 1)).abs() < side_w.view(n, 1, 1) / 2
+    return (inside_y & inside_x).unsqueeze(1)
+
+
+def _cutout(images: torch.Tensor, side: float, generator: torch.Generator) -> torch.Tensor:
+    n, _, height, width = images.shape
+    sides = torch.full((n,), side)
+    mask = _box_masks(n, height, width, sides * height, sides * width, generator).to(images.device)
+    return images.masked_fill(mask, 0.5)
+
+
+def mix_batch(images: torch.Tensor, targets: torch.Tensor, config: AugmentConfig,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (one of them per batch when both are on): each photo with another of the batch.
+
+    `targets` are float label distributions: (N,) probabilities of class 1 for two classes, (N, C) otherwise.
+    """
+    if not config.mixes:
+        return images, targets
+    n, _, height, width = images.shape
+    use_cutmix = config.cutmix > 0 and (config.mixup == 0 or torch.rand(1, generator=generator).item() < 0.5)
+    alpha = config.cutmix if use_cutmix else config.mixup
+    # torch's Beta sampler takes no generator; numpy's, seeded from this one, keeps the draws reproducible.
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(alpha, alpha))
+    partner = torch.randperm(n, generator=generator).to(images.device)
+    if use_cutmix:
+        side = torch.full((1,), math.sqrt(1 - lam))
+        mask = _box_masks(1, height, width, side * height, side * width, generator).to(images.device)
+        images = torch.where(mask, images[partner], images)
+        lam = 1 - float(mask.float().mean())  # the area actually kept, after clipping at the edges
+    else:
+        images = lam * images + (1 - lam) * images[partner]
+    return images, lam * targets + (1 - lam) * targets[partner]

@@ -38,3 +38,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     result = minimize_scalar(lambda log_t: log_loss(y, probabilities_from_logits(logits / np.exp(log_t))),
                              bounds=(-3, 3), method="bounded")
     return float(np.exp(result.x))
+
+
+def neither_threshold(pet_mass: np.ndarray, pet_false_alarm: float = 0.005) -> float:
+    """The "neither cat nor dog" cut on the ImageNet head's cat + dog probability: the `pet_false_alarm`
+    quantile of that mass on validation pets (so about that share of real pets is flagged), capped at 0.5."""
+    return float(min(0.5, np.quantile(pet_mass, pet_false_alarm)))

@@ -176,7 +176,8 @@ def train(
     label_smoothing: Annotated[float | None, typer.Option()] = None,
     image_size: Annotated[int | None, typer.Option()] = None,
     resize: Annotated[str | None, typer.Option(help="Photo resampling: bilinear, nearest, bicubic, lanczos.")] = None,
-    augment: Annotated[str | None, typer.Option(help="Augmentation preset: none, flip, seed, crop.")] = None,
+    augment: Annotated[str | None, typer.Option(help="Augmentation: a preset (none, flip, seed, crop, strong), "
+                                                "optionally with fields set: 'crop,cutout=0.25,mixup=0.2'.")] = None,
     dropout: Annotated[float | None, typer.Option()] = None,
     ema: Annotated[float | None, typer.Option(help="Decay of an exponential moving average of the weights, "
                                               "validated and exported instead of the raw weights (0: off).")] = None,
@@ -223,6 +224,80 @@ def train(
         run_training(data_dir, out, config, resume=resume, bundle_dir=bundle)
     except TrainingInterrupted as e:
         raise _fail(str(e), code=130) from None
+
+
+@app.command()
+@user_errors
+def quantize(
+    bundle: Annotated[Path, typer.Argument(help="Float model bundle to quantize.")],
+    data_dir: Annotated[Path, typer.Argument(help="The training data: activation ranges come from training photos, "
+                                             "the check from the bundle's own validation photos.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (replaced atomically).")],
+    calibration_photos: Annotated[int, typer.Option(help="Training photos to measure activation ranges on.")] = 512,
+) -> None:
+    """Write an int8 copy of a bundle (faster on CPUs) and report how closely it agrees with the original."""
+    import numpy as np
+
+    from catdogcnn.export import quantize_bundle
+    from catdogcnn.predict import read_bundle_metadata
+    from catdogcnn.train import TrainConfig, prepare_data
+
+    meta = read_bundle_metadata(bundle)
+    if "config" not in meta.get("training", {}):
+        raise ValueError(f"{bundle}: the bundle records no training configuration, so its validation photos "
+                         "are unknown")
+    config = TrainConfig.from_dict(meta["training"]["config"])
+    dataset = prepare_data(data_dir, config, meta["input"]["image_size"], meta["input"]["resize"])
+    pick = np.sort(np.random.default_rng(config.seed).permutation(len(dataset.train))[:calibration_photos])
+    written = quantize_bundle(bundle, out, dataset.train.images[pick], dataset.val.images, dataset.val.labels)
+    info = read_bundle_metadata(written)["quantization"]
+    typer.echo(f"{written}: labels agree on {info['label_agreement']:.2%} of {info['checked_on']}; validation "
+               f"accuracy {info['val_accuracy_float']:.2%} -> {info['val_accuracy_int8']:.2%}")
+
+
+@app.command()
+@user_errors
+def tune(
+    data_dir: Annotated[Path, typer.Argument(help="Seed layout or a folder of class folders (test_set is never "
+                                             "used).")],
+    model: Annotated[str, typer.Option(help="Architecture from the registry.")] = "seed_cnn",
+    trials: Annotated[int, typer.Option(help="Finished trials the study should hold; a rerun resumes up to it.")]
+    = 20,
+    sampler: Annotated[str, typer.Option(help="tpe (default) or grid (every combination of the grid values).")]
+    = "tpe",
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by workers, e.g. "
+                                                "postgresql://host/db (default: sqlite in OUT).")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default MODEL-SAMPLER).")] = None,
+    params: Annotated[str | None, typer.Option(help="Comma-separated settings to search (default all): "
+                                               "lr, weight_decay, batch_size, dropout, augment, schedule, "
+                                               "image_size, epochs.")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="JSON file of the base TrainConfig "
+                                                     "settings that the search does not change.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the study, trial logs and best_config.json "
+                                             "(default runs/tune-MODEL).")] = None,
+    prune: Annotated[bool, typer.Option(help="Stop trials whose validation accuracy trails the median.")] = True,
+) -> None:
+    """Search hyperparameters with Optuna; prints a leaderboard and writes OUT/best_config.json."""
+    import optuna
+    from rich.console import Console
+
+    from catdogcnn.train import TrainConfig, TrainingInterrupted
+    from catdogcnn.tune import leaderboard
+    from catdogcnn.tune import tune as run_tune
+
+    base = TrainConfig.from_dict({**(json.loads(config_file.read_text()) if config_file else {}), "model": model})
+    out = out or Path(f"runs/tune-{model}")
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        result = run_tune(data_dir, out, base, trials, sampler=sampler, storage=storage, study_name=study,
+                          params=params.split(",") if params else None, console=console,
+                          pruner=None if prune else optuna.pruners.NopPruner())
+    except TrainingInterrupted:
+        raise _fail(f"interrupted; run the same command again to resume the study in {out}", code=130) from None
+    Console(width=None if sys.stdout.isatty() else 200).print(leaderboard(result.study))  # a log keeps every column
+    if result.best_config_path:
+        typer.echo(f"best configuration: {result.best_config_path}  (catdogcnn train DATA --config "
+                   f"{result.best_config_path})")
 
 
 @data_app.command("check")
@@ -275,6 +350,8 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     model: ModelOption = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest photo accepted, in MB.")] = 10.0,
+    max_batch: Annotated[int | None, typer.Option(help="Most photos in one model call (micro-batching; "
+                                                  "default 8).")] = None,
 ) -> None:
     """Serve the web page and the HTTP API (docs at /docs)."""
     from catdogcnn.predict import load_classifier
@@ -282,7 +359,8 @@ def serve(
     from catdogcnn.serve import serve as run_server
 
     load_classifier(model)  # fail here, in one line, if the bundle is unusable
-    run_server(model, host, port, ServeConfig(max_upload_mb=max_upload_mb))
+    limits = {"max_upload_mb": max_upload_mb} | ({"max_batch": max_batch} if max_batch else {})
+    run_server(model, host, port, ServeConfig(**limits))
 
 
 @app.command()

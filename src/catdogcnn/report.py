@@ -170,12 +170,15 @@ def training_report(run_dir: str | Path) -> Path:
     if not log:
         raise ValueError(f"{log_path}: empty metrics log (the probe recipe has no epochs to plot)")
     epochs = [r["epoch"] for r in log]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (loss_ax, acc_ax, time_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
     for key, ax in (("loss", loss_ax), ("accuracy", acc_ax)):
         ax.plot(epochs, [r[f"train_{key}"] for r in log], "o-", label="training (augmented)")
         ax.plot(epochs, [r[f"val_{key}"] for r in log], "o-", label="validation")
         ax.set(xlabel="epoch", title=key)
         ax.legend()
+    minutes = np.cumsum([r["seconds"] for r in log]) / 60
+    time_ax.plot(minutes, [r["val_accuracy"] for r in log], "o-", color="C1")
+    time_ax.set(xlabel="training minutes (epochs only)", title="validation accuracy against time")
     name = _save(fig, run_dir, "curves.png")
     best = max(log, key=lambda r: r["val_accuracy"])
     rows = [("epochs", str(len(log))), ("best validation accuracy", f"{best['val_accuracy']:.4f} (epoch "

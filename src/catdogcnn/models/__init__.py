@@ -72,4 +72,4 @@ def build_model(name: str, num_classes: int, image_size: int | None = None, **op
 
 
 # The architectures register themselves on import.
-from catdogcnn.models import efficientnet_lite, seed_cnn  # noqa: E402,F401
+from catdogcnn.models import efficientnet_lite, resnet, seed_cnn  # noqa: E402,F401

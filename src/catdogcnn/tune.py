@@ -1,0 +1,178 @@
+"""Hyperparameter search with Optuna over `train.SEARCH_SPACE`, scored by validation accuracy.
+
+Each trial trains one configuration (the base configuration with the sampled settings) and reports its
+validation accuracy after every epoch, so the pruner stops trials that trail the others; its score is its
+best validation accuracy. Validation photos come from the training data (`extra_set`, or a split of
+`training_set`): `test_set` is never seen. The study lives in an Optuna storage (SQLite in the output
+folder by default), so a stopped search resumes where it stopped and several machines can share one study
+through a database URL. The best configuration is kept in `best_config.json`, which `catdogcnn train
+--config` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+from rich.table import Table
+
+from catdogcnn.export import atomic_write
+from catdogcnn.models import get_spec
+from catdogcnn.train import SEARCH_SPACE, TrainConfig, TrainingInterrupted, train
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@dataclass
+class TuneResult:
+    study: optuna.Study
+    best_config: TrainConfig | None
+    best_config_path: Path | None
+
+
+def default_storage(out_dir: Path) -> str:
+    return f"sqlite:///{(Path(out_dir) / 'study.db').resolve()}"
+
+
+def suggest(trial: optuna.Trial, names: list[str]) -> dict:
+    """The trial's value for each named setting of the search space."""
+    values = {}
+    for name in names:
+        param = SEARCH_SPACE[name]
+        if param.kind == "choice":
+            values[name] = trial.suggest_categorical(name, list(param.choices))
+        elif param.kind == "int":
+            values[name] = trial.suggest_int(name, int(param.low), int(param.high), log=param.log)
+        else:
+            values[name] = trial.suggest_float(name, param.low, param.high, log=param.log)
+    return values
+
+
+def grid_of(names: list[str]) -> dict[str, list]:
+    return {name: list(SEARCH_SPACE[name].grid or SEARCH_SPACE[name].choices) for name in names}
+
+
+def baseline_values(base: TrainConfig, names: list[str]) -> dict:
+    """The base configuration's own value of each searched setting (model defaults filled in)."""
+    spec = get_spec(base.model)
+    values = asdict(base)
+    values["image_size"] = base.image_size or spec.image_size
+    if base.dropout is None:
+        values["dropout"] = spec.options.get("dropout", 0.0)
+    return {name: values[name] for name in names}
+
+
+def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler: str = "tpe",
+         storage: str | None = None, study_name: str | None = None, params: list[str] | None = None,
+         pruner: optuna.pruners.BasePruner | None = None, enqueue: list[dict] | None = None,
+         cache_dir: Path | None | bool = None, console: Console | None = None) -> TuneResult:
+    """Run the study until it holds `trials` finished (complete or pruned) trials; returns it and the best
+    configuration. Trial 0 of a new TPE study is the base configuration itself, so the search starts from
+    it and the leaderboard shows how far it moved. `enqueue` adds trials to run first (settings dicts)."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = params or list(SEARCH_SPACE)
+    unknown = set(names) - set(SEARCH_SPACE)
+    if unknown:
+        raise ValueError(f"unknown search parameter(s) {sorted(unknown)}; known: {', '.join(SEARCH_SPACE)}")
+    if sampler not in ("tpe", "grid"):
+        raise ValueError(f"sampler must be tpe or grid, not {sampler!r}")
+    base.validate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or default_storage(out_dir)
+    # A worker that dies mid-trial stops its heartbeat; the trial is then failed and run again by someone.
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna, stable in use since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                                         heartbeat_stale_trial_callback=retry)
+    chosen_sampler = (optuna.samplers.GridSampler(grid_of(names), seed=base.seed) if sampler == "grid"
+                      else optuna.samplers.TPESampler(seed=base.seed))
+    study = optuna.create_study(storage=rdb, study_name=study_name or f"{base.model}-{sampler}", direction="maximize",
+                                sampler=chosen_sampler, load_if_exists=True,
+                                pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5))
+    study.set_user_attr("base_config", asdict(base))
+    study.set_user_attr("params", names)
+    if not study.trials:
+        for values in ([baseline_values(base, names)] if sampler == "tpe" else []) + list(enqueue or []):
+            study.enqueue_trial(values, skip_if_exists=True)
+    best_path = out_dir / "best_config.json"
+
+    def objective(trial: optuna.Trial) -> float:
+        values = suggest(trial, names)
+        config = TrainConfig.from_dict({**asdict(base), **values})
+        trial.set_user_attr("config", asdict(config))
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        console.print(f"[bold]trial {trial.number}[/] ({done + 1}/{trials}): "
+                      + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+        run_dir = out_dir / f"trial-{trial.number:04d}"
+        best = 0.0
+
+        def report(record: dict) -> None:
+            nonlocal best
+            best = max(best, record["val_accuracy"])
+            trial.report(record["val_accuracy"], record["epoch"])
+            if trial.should_prune():
+                console.print(f"trial {trial.number}: pruned after epoch {record['epoch']} "
+                              f"(val accuracy {record['val_accuracy']:.4f})")
+                raise optuna.TrialPruned()
+
+        started = time.perf_counter()
+        try:
+            train(data_dir, run_dir, config, cache_dir=cache_dir, show_progress=False, on_epoch=report, export=False)
+        except TrainingInterrupted:
+            study.enqueue_trial(values)  # a resumed search runs this configuration again first
+            raise
+        finally:
+            trial.set_user_attr("seconds", time.perf_counter() - started)
+            for checkpoint in ("last.pt", "best.pt"):  # the study keeps the figures; weights would fill the disk
+                (run_dir / checkpoint).unlink(missing_ok=True)
+        return best
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE and study.best_trial.number == trial.number:
+            atomic_write(best_path, (json.dumps(trial.user_attrs["config"], indent=2) + "\n").encode())
+            console.print(f"trial {trial.number}: val accuracy {trial.value:.4f}, the best so far -> {best_path}")
+        elif trial.state == optuna.trial.TrialState.COMPLETE:
+            console.print(f"trial {trial.number}: val accuracy {trial.value:.4f} "
+                          f"(best {study.best_value:.4f}, trial {study.best_trial.number})")
+
+    remaining = trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    if remaining > 0:
+        # The total is shared: with several workers on one storage, all stop when the study holds `trials`.
+        study.optimize(objective, n_trials=remaining, gc_after_trial=True,
+                       callbacks=[after_trial, optuna.study.MaxTrialsCallback(trials, states=FINISHED)])
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not completed:
+        return TuneResult(study, None, None)
+    best_config = TrainConfig.from_dict(study.best_trial.user_attrs["config"])
+    # Written again at the end: with several workers, the best trial may be another worker's.
+    atomic_write(best_path, (json.dumps(asdict(best_config), indent=2) + "\n").encode())
+    return TuneResult(study, best_config, best_path)
+
+
+def leaderboard(study: optuna.Study, top: int = 10) -> Table:
+    """The best finished trials, best first, with their settings; pruned trials show their last score."""
+    names = study.user_attrs.get("params", [])
+    table = Table(title=f"study {study.study_name}: {len(study.trials)} trials")
+    for column in ("#", "trial", "state", "val acc", "epochs run", "minutes", *names):
+        table.add_column(column, justify="right")
+
+    def score(trial: optuna.trial.FrozenTrial) -> float:
+        if trial.value is not None:
+            return trial.value
+        return max(trial.intermediate_values.values(), default=0.0)
+
+    finished = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=score, reverse=True)
+    for rank, trial in enumerate(finished[:top], 1):
+        values = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (trial.params.get(n, "") for n in names)]
+        table.add_row(str(rank), str(trial.number), trial.state.name.lower(), f"{score(trial):.4f}",
+                      str(max(trial.intermediate_values, default=0)), f"{trial.user_attrs.get('seconds', 0) / 60:.1f}",
+                      *values)
+    return table

@@ -1,0 +1,40 @@
+"""The bundle's int8 variant: written by `catdogcnn quantize`, close to the float graph, smaller."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import make_class_folder
+from test_cli import run
+
+from catdogcnn.predict import Classifier
+from catdogcnn.train import TrainConfig, train
+
+
+def test_quantized_bundle_agrees_with_the_float_one(tmp_path):
+    data = tmp_path / "data"
+    make_class_folder(data / "training_set", 60, seed=7)
+    make_class_folder(data / "test_set", 20, seed=8)
+    config = TrainConfig(epochs=2, batch_size=16, augment="none", threads=2, val_fraction=0.25)
+    bundle = train(data, tmp_path / "run", config, show_progress=False)
+    result = run("quantize", bundle, data, "--out", tmp_path / "int8", "--calibration-photos", "64")
+    assert result.returncode == 0, result.stderr
+    assert "labels agree" in result.stdout
+    float_clf, int8_clf = Classifier(bundle), Classifier(tmp_path / "int8")
+    info = int8_clf.metadata["quantization"]
+    assert info["calibration_photos"] == 64 and info["label_agreement"] >= 0.9
+    size = {c: (c.bundle / c.metadata["graph"]["file"]).stat().st_size for c in (float_clf, int8_clf)}
+    assert size[int8_clf] < size[float_clf] / 2  # int8 weights
+    photos = sorted((data / "test_set").rglob("*.jpg"))
+    a = np.array([p.probabilities["dogs"] for p in float_clf.predict_many(photos)])
+    b = np.array([p.probabilities["dogs"] for p in int8_clf.predict_many(photos)])
+    assert ((a > 0.5) == (b > 0.5)).mean() >= 0.9 and np.abs(a - b).max() < 0.2
+
+    again = run("quantize", tmp_path / "int8", data, "--out", tmp_path / "int8-again")
+    assert again.returncode == 2 and "already quantized" in again.stderr
+
+
+def test_quantize_needs_the_training_record(tiny_bundle, tmp_path):
+    make_class_folder(tmp_path / "data", 4)
+    result = run("quantize", tiny_bundle, tmp_path / "data", "--out", tmp_path / "int8")
+    assert result.returncode == 2 and "no training configuration" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
