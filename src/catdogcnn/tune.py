@@ -84,7 +84,7 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
     if sampler not in ("tpe", "grid"):
         raise ValueError(f"sampler must be tpe or grid, not {sampler!r}")
     base.validate()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials report through the console; a stop is one line
     url = storage or default_storage(out_dir)
     # A worker that dies mid-trial stops its heartbeat; the trial is then failed and run again by someone.
     with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna, stable in use since 2.8
