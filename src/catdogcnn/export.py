@@ -141,7 +141,7 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from catdogcnn.calibration import neither_threshold
-    from catdogcnn.predict import read_bundle_metadata
+    from catdogcnn.predict import decide, read_bundle_metadata
 
     metadata = read_bundle_metadata(bundle_dir)
     if "quantization" in metadata:
@@ -169,7 +169,7 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
                                                         strict=True)]
 
     (original, *_), (int8, *int8_rest) = run_all(float_graph.read_bytes()), run_all(onnx_bytes)
-    labels_float, labels_int8 = _labels(original, metadata["threshold"]), _labels(int8, metadata["threshold"])
+    labels_float, labels_int8 = decide(original, metadata["threshold"]), decide(int8, metadata["threshold"])
     check_labels = np.asarray(check_labels)
     info = {"method": "onnxruntime static int8 (QDQ, per-channel weights, uint8 activations, min-max ranges)",
             "calibration_photos": len(calibration_images), "checked_on": f"{len(check_images)} validation photos",
@@ -187,7 +187,3 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
                            "val_pets_flagged": float((mass < threshold).mean())}
     return write_bundle(out_dir, onnx_bytes, {**kept, "quantization": info}, outputs)
 
-
-def _labels(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """As `Classifier.label`: two classes, the second when above the threshold; more, the most probable."""
-    return (probabilities[:, 1] > threshold).astype(int) if probabilities.shape[1] == 2 else probabilities.argmax(1)

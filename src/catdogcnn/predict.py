@@ -90,6 +90,14 @@ def expand_photos(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def decide(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """Class indices (N,) from probabilities (N, C): for two classes the second wins when its probability
+    exceeds the threshold; for more, the most probable."""
+    if probabilities.shape[1] == 2:
+        return (probabilities[:, 1] > threshold).astype(int)
+    return probabilities.argmax(1)
+
+
 class Classifier:
     """A loaded bundle: one onnxruntime session, reused for every call."""
 
@@ -156,9 +164,7 @@ class Classifier:
         return self._run(images)[0]
 
     def label(self, probabilities: np.ndarray) -> tuple[str, float]:
-        """Two classes: the second wins when its probability exceeds the threshold. More: the most probable."""
-        two = len(self.classes) == 2
-        index = int(probabilities[1] > self.threshold) if two else int(np.argmax(probabilities))
+        index = int(decide(probabilities[None], self.threshold)[0])
         return self.classes[index], float(probabilities[index])
 
     def predict_decoded(self, images: np.ndarray, sources: list[str], explain: bool = False) -> list[Prediction]:
