@@ -51,11 +51,7 @@ bench: install
 	$(BIN)/python benchmarks/ddp.py --data $(DATA)
 
 ## Retrain the shipped models from $(DATA) with fixed seeds.
-seed-scratch-model: install
-	$(BIN)/catdogcnn train $(DATA) --config configs/resnet_small.json --out runs/resnet_small --seed 0 \
-		--bundle models/resnet_small
-
-model: install
+seed-model: install
 	$(BIN)/catdogcnn train $(DATA) --model seed_cnn --out runs/seed_cnn --seed 0 --bundle models/seed_cnn
 
 scratch-model: install
@@ -64,8 +60,8 @@ scratch-model: install
 
 ## The default: the float probe (models/default-float), then its int8 copy (models/default, 1.4x faster).
 model: install
-	$(BIN)/catdogcnn train $(DATA) --model efficientnet_lite2 --recipe probe --extra train --out runs/default --seed 0 \
-		--bundle models/default-float
+	$(BIN)/catdogcnn train $(DATA) --model efficientnet_lite2 --recipe probe --extra train --val-max 2000 \
+		--out runs/default --seed 0 --bundle models/default-float
 	$(BIN)/catdogcnn quantize models/default-float $(DATA) --out models/default
 
 clean:

@@ -13,11 +13,28 @@ from catdogcnn.models.efficientnet_lite import (
     SameConv2d,
     load_imagenet,
 )
+from catdogcnn.models.seed_cnn import ByteDropout
 
 
 def test_seed_cnn_matches_keras_parameter_count():
     assert sum(p.numel() for p in build_model("seed_cnn", 2).parameters()) == 813_217
     assert build_model("seed_cnn", 5)(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_byte_dropout_keeps_the_right_share_and_the_mean():
+    x = torch.ones(1000, 1000)
+    for p in (0.25, 0.5):
+        layer = ByteDropout(p).train()
+        torch.manual_seed(0)
+        y = layer(x)
+        kept = (y > 0).float().mean().item()
+        assert abs(kept - (1 - p)) < 0.002
+        assert abs(y.mean().item() - 1) < 0.005  # kept elements scaled by 1 / (1 - p)
+        torch.manual_seed(0)
+        assert torch.equal(layer(x), y)  # the global seed fixes the mask
+    assert torch.equal(ByteDropout(0.5).eval()(x), x) and torch.equal(ByteDropout(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="dropout"):
+        ByteDropout(1.0)
 
 
 def test_registry_lists_every_architecture():

@@ -12,7 +12,7 @@ from test_cli import run
 
 from catdogcnn import tune as tune_module
 from catdogcnn.train import TrainConfig, TrainingInterrupted, train
-from catdogcnn.tune import leaderboard, tune
+from catdogcnn.tune import leaderboard, parse_grid, tune
 
 BASE = TrainConfig(epochs=3, batch_size=16, augment="none", threads=2, val_fraction=0.25)
 
@@ -81,6 +81,30 @@ def test_grid_search_tries_each_grid_value_once(data, tmp_path):
                   cache_dir=tmp_path / "cache")
     tried = sorted((t.params["schedule"], t.params["batch_size"]) for t in finished(result.study))
     assert tried == sorted((s, b) for s in ("constant", "cosine") for b in (32, 64, 128))  # 6: the grid ran out
+
+
+def test_grid_values_given_replace_the_search_space_grid(data, tmp_path):
+    one_epoch = TrainConfig.from_dict({**asdict(BASE), "epochs": 1})
+    grid = parse_grid("augment=none,flip; schedule=cosine")
+    assert grid == {"augment": ["none", "flip"], "schedule": ["cosine"]}
+    result = tune(data, tmp_path, one_epoch, trials=5, sampler="grid", params=["augment", "schedule"], grid=grid,
+                  cache_dir=tmp_path / "cache")
+    assert sorted(t.params["augment"] for t in finished(result.study)) == ["flip", "none"]  # 2: the grid ran out
+
+
+@pytest.mark.parametrize("spec, message", [("augment=sepia", "outside"), ("lr=0.5", "outside"),
+                                           ("epochs=ten", "ints"), ("colour=red", "NAME"), ("lr=", "NAME")])
+def test_bad_grid_values_are_refused(data, tmp_path, spec, message):
+    with pytest.raises(ValueError, match=message):
+        tune(data, tmp_path, BASE, trials=1, sampler="grid", params=["augment", "lr", "epochs"],
+             grid=parse_grid(spec))
+
+
+def test_grid_values_need_the_grid_sampler_and_a_searched_setting(data, tmp_path):
+    with pytest.raises(ValueError, match="grid sampler"):
+        tune(data, tmp_path, BASE, trials=1, params=["lr"], grid={"lr": [1e-3]})
+    with pytest.raises(ValueError, match="does not change"):
+        tune(data, tmp_path, BASE, trials=1, sampler="grid", params=["lr"], grid={"epochs": [3]})
 
 
 def test_unknown_parameter_is_refused(data, tmp_path):

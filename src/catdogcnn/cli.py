@@ -183,6 +183,7 @@ def train(
                                               "validated and exported instead of the raw weights (0: off).")] = None,
     extra: Annotated[str | None, typer.Option(help="Seed layout: use extra_set as val, train or none.")] = None,
     val_fraction: Annotated[float | None, typer.Option()] = None,
+    val_max: Annotated[int | None, typer.Option(help="Validation photos at most (default 5000).")] = None,
     select: Annotated[str | None, typer.Option(help="Weights to export: best (validation) or last.")] = None,
     recipe: Annotated[str | None, typer.Option(help="full (train all weights) or probe (frozen pretrained "
                                                "features + logistic regression).")] = None,
@@ -216,8 +217,8 @@ def train(
              "optimizer": optimizer, "schedule": schedule, "warmup_epochs": warmup_epochs,
              "backbone_lr_scale": backbone_lr_scale, "label_smoothing": label_smoothing,
              "image_size": image_size, "resize": resize, "augment": augment, "dropout": dropout, "ema": ema,
-             "extra": extra, "val_fraction": val_fraction, "select": select, "recipe": recipe, "probe_c": probe_c,
-             "seed": seed, "device": device, "precision": precision, "threads": threads}
+             "extra": extra, "val_fraction": val_fraction, "val_max": val_max, "select": select, "recipe": recipe,
+             "probe_c": probe_c, "seed": seed, "device": device, "precision": precision, "threads": threads}
     values.update({k: v for k, v in flags.items() if v is not None})
     config = TrainConfig.from_dict(values)
     try:
@@ -271,6 +272,8 @@ def tune(
     params: Annotated[str | None, typer.Option(help="Comma-separated settings to search (default all): "
                                                "lr, weight_decay, batch_size, dropout, augment, schedule, "
                                                "image_size, epochs.")] = None,
+    grid: Annotated[str | None, typer.Option(help="Grid sampler: the values to try instead of the search "
+                                             "space's, e.g. 'augment=seed,crop,strong;epochs=25,50'.")] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="JSON file of the base TrainConfig "
                                                      "settings that the search does not change.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the study, trial logs and best_config.json "
@@ -282,7 +285,7 @@ def tune(
     from rich.console import Console
 
     from catdogcnn.train import TrainConfig, TrainingInterrupted
-    from catdogcnn.tune import leaderboard
+    from catdogcnn.tune import leaderboard, parse_grid
     from catdogcnn.tune import tune as run_tune
 
     base = TrainConfig.from_dict({**(json.loads(config_file.read_text()) if config_file else {}), "model": model})
@@ -291,7 +294,8 @@ def tune(
     try:
         result = run_tune(data_dir, out, base, trials, sampler=sampler, storage=storage, study_name=study,
                           params=params.split(",") if params else None, console=console,
-                          pruner=None if prune else optuna.pruners.NopPruner())
+                          pruner=None if prune else optuna.pruners.NopPruner(),
+                          grid=parse_grid(grid) if grid else None)
     except TrainingInterrupted:
         raise _fail(f"interrupted; run the same command again to resume the study in {out}", code=130) from None
     Console(width=None if sys.stdout.isatty() else 200).print(leaderboard(result.study))  # a log keeps every column

@@ -53,7 +53,7 @@ class TrainConfig:
     extra: str = "val"  # seed layout: extra_set gives the validation photos ("val"), and the rest of it
     # trains too ("train"); "none" ignores it and holds out val_fraction of training_set instead
     val_fraction: float = 0.1  # held out of the training photos when there is no extra_set to validate on
-    val_max: int = 2000  # validation photos at most (a stratified sample)
+    val_max: int = 5000  # validation photos at most (a stratified sample); more make the choice of epoch surer
     select: str = "best"  # weights that go into the bundle: "best" (validation accuracy) or "last"
     recipe: str = "full"  # "full": train every weight; "probe": frozen pretrained features + logistic regression
     probe_c: float | None = None  # probe: inverse regularisation; None chooses from PROBE_C_GRID on validation

@@ -53,8 +53,36 @@ def suggest(trial: optuna.Trial, names: list[str]) -> dict:
     return values
 
 
-def grid_of(names: list[str]) -> dict[str, list]:
-    return {name: list(SEARCH_SPACE[name].grid or SEARCH_SPACE[name].choices) for name in names}
+def grid_of(names: list[str], values: dict[str, list] | None = None) -> dict[str, list]:
+    """The values a grid search tries for each setting: `values` where given, else the search space's grid."""
+    values = values or {}
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ValueError(f"grid values for {sorted(unknown)}, which the search does not change ({', '.join(names)})")
+    grid = {name: list(values.get(name) or SEARCH_SPACE[name].grid or SEARCH_SPACE[name].choices) for name in names}
+    for name, param in ((n, SEARCH_SPACE[n]) for n in values):
+        outside = [v for v in grid[name] if (v not in param.choices if param.kind == "choice"
+                                             else not param.low <= v <= param.high)]
+        if outside:
+            raise ValueError(f"grid values {outside} for {name} are outside its search space")
+    return grid
+
+
+def parse_grid(spec: str) -> dict[str, list]:
+    """"augment=seed,crop;epochs=25,50" -> {"augment": ["seed", "crop"], "epochs": [25, 50]}, typed as the
+    search space declares each setting."""
+    grid: dict[str, list] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, listed = part.partition("=")
+        if name not in SEARCH_SPACE or not listed:
+            raise ValueError(f"grid {part!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SEARCH_SPACE)}")
+        param = SEARCH_SPACE[name]
+        typed = {"int": int, "float": float}.get(param.kind) or type(param.choices[0])
+        try:
+            grid[name] = [typed(v) for v in listed.split(",")]
+        except ValueError:
+            raise ValueError(f"grid {part!r}: values of {name} must be {typed.__name__}s") from None
+    return grid
 
 
 def baseline_values(base: TrainConfig, names: list[str]) -> dict:
@@ -70,10 +98,12 @@ def baseline_values(base: TrainConfig, names: list[str]) -> dict:
 def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler: str = "tpe",
          storage: str | None = None, study_name: str | None = None, params: list[str] | None = None,
          pruner: optuna.pruners.BasePruner | None = None, enqueue: list[dict] | None = None,
-         cache_dir: Path | None | bool = None, console: Console | None = None) -> TuneResult:
+         cache_dir: Path | None | bool = None, console: Console | None = None,
+         grid: dict[str, list] | None = None) -> TuneResult:
     """Run the study until it holds `trials` finished (complete or pruned) trials; returns it and the best
     configuration. Trial 0 of a new TPE study is the base configuration itself, so the search starts from
-    it and the leaderboard shows how far it moved. `enqueue` adds trials to run first (settings dicts)."""
+    it and the leaderboard shows how far it moved. `enqueue` adds trials to run first (settings dicts);
+    `grid` replaces the search space's grid values of some settings (grid sampler only)."""
     console = console or Console(stderr=True, soft_wrap=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +113,8 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
         raise ValueError(f"unknown search parameter(s) {sorted(unknown)}; known: {', '.join(SEARCH_SPACE)}")
     if sampler not in ("tpe", "grid"):
         raise ValueError(f"sampler must be tpe or grid, not {sampler!r}")
+    if grid and sampler != "grid":
+        raise ValueError("grid values are for the grid sampler (--sampler grid)")
     base.validate()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials report through the console; a stop is one line
     url = storage or default_storage(out_dir)
@@ -92,7 +124,7 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
         rdb = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
                                          heartbeat_stale_trial_callback=retry)
-    chosen_sampler = (optuna.samplers.GridSampler(grid_of(names), seed=base.seed) if sampler == "grid"
+    chosen_sampler = (optuna.samplers.GridSampler(grid_of(names, grid), seed=base.seed) if sampler == "grid"
                       else optuna.samplers.TPESampler(seed=base.seed))
     study = optuna.create_study(storage=rdb, study_name=study_name or f"{base.model}-{sampler}", direction="maximize",
                                 sampler=chosen_sampler, load_if_exists=True,

