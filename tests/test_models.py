@@ -33,8 +33,9 @@ def test_byte_dropout_keeps_the_right_share_and_the_mean():
         torch.manual_seed(0)
         assert torch.equal(layer(x), y)  # the global seed fixes the mask
     assert torch.equal(ByteDropout(0.5).eval()(x), x) and torch.equal(ByteDropout(0.0).train()(x), x)
-    with pytest.raises(ValueError, match="dropout"):
-        ByteDropout(1.0)
+    for p in (1.0, 0.999, -0.1):
+        with pytest.raises(ValueError, match="dropout"):
+            ByteDropout(p)
 
 
 def test_registry_lists_every_architecture():

@@ -26,9 +26,9 @@ class ByteDropout(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout must be in [0, 1), not {p}")
-        self.cut = round(p * 256)  # a byte below this drops its element
+        self.cut = round(p * 256) if 0 <= p < 1 else -1  # a byte below this drops its element
+        if not 0 <= self.cut < 256:
+            raise ValueError(f"dropout must be in [0, 1) and round below 1 in steps of 1/256, not {p}")
         self.p = self.cut / 256
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
