@@ -55,6 +55,11 @@ PRESETS = {
     "none": AugmentConfig(),
     "flip": AugmentConfig(hflip=True),
     "seed": AugmentConfig(hflip=True, shear_degrees=0.2, zoom=0.2),
+    # The seed's shear_range=0.2 read as radians (11.5 degrees), as Keras 1 read it: probably what the seed meant.
+    "keras": AugmentConfig(hflip=True, shear_degrees=math.degrees(0.2), zoom=0.2),
+    # Between "seed" and "strong": milder crops, colour jitter, no cutout.
+    "medium": AugmentConfig(hflip=True, shear_degrees=10, zoom=0.1, crop_area=0.6, crop_ratio=4 / 3, brightness=0.2,
+                            contrast=0.2, saturation=0.2),
     "crop": AugmentConfig(hflip=True, crop_area=0.35, crop_ratio=4 / 3),
     "strong": AugmentConfig(hflip=True, shear_degrees=10, crop_area=0.35, crop_ratio=4 / 3, brightness=0.3,
                             contrast=0.3, saturation=0.3, cutout=0.3),

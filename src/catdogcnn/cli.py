@@ -176,8 +176,9 @@ def train(
     label_smoothing: Annotated[float | None, typer.Option()] = None,
     image_size: Annotated[int | None, typer.Option()] = None,
     resize: Annotated[str | None, typer.Option(help="Photo resampling: bilinear, nearest, bicubic, lanczos.")] = None,
-    augment: Annotated[str | None, typer.Option(help="Augmentation: a preset (none, flip, seed, crop, strong), "
-                                                "optionally with fields set: 'crop,cutout=0.25,mixup=0.2'.")] = None,
+    augment: Annotated[str | None, typer.Option(help="Augmentation: a preset (none, flip, seed, keras, medium, crop, "
+                                                "strong), optionally with fields set: 'crop,cutout=0.25,mixup=0.2'.")]
+    = None,
     dropout: Annotated[float | None, typer.Option()] = None,
     ema: Annotated[float | None, typer.Option(help="Decay of an exponential moving average of the weights, "
                                               "validated and exported instead of the raw weights (0: off).")] = None,

@@ -48,7 +48,7 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # pretrained backbones: their learning rate is lr times this
     label_smoothing: float = 0.0
     ema: float = 0.0  # > 0: validate and export an exponential moving average of the weights (decay per step)
-    augment: str = "seed"  # a preset (none, flip, seed, crop, strong), optionally "PRESET,field=value,..."
+    augment: str = "seed"  # a preset (see augment.PRESETS), optionally "PRESET,field=value,..."
     dropout: float | None = None  # None: the model's default
     extra: str = "val"  # seed layout: extra_set gives the validation photos ("val"), and the rest of it
     # trains too ("train"); "none" ignores it and holds out val_fraction of training_set instead
@@ -113,10 +113,10 @@ SEARCH_SPACE: dict[str, Param] = {
     "weight_decay": Param("choice", choices=(0.0, 1e-5, 1e-4, 1e-3)),
     "batch_size": Param("choice", choices=(32, 64, 128)),
     "dropout": Param("float", 0.0, 0.6, grid=(0.1, 0.25, 0.5)),
-    "augment": Param("choice", choices=("none", "flip", "seed", "crop", "strong")),
+    "augment": Param("choice", choices=("none", "flip", "seed", "keras", "medium", "crop", "strong")),
     "schedule": Param("choice", choices=("constant", "cosine")),
     "image_size": Param("choice", choices=(64, 80, 96)),
-    "epochs": Param("int", 10, 40, grid=(15, 25, 35)),
+    "epochs": Param("int", 10, 60, grid=(25, 40, 60)),
 }
 
 
