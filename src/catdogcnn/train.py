@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from catdogcnn import data as D
-from catdogcnn.augment import augment_batch, mix_batch, parse_augment
+from catdogcnn.augment import PRESETS, augment_batch, mix_batch, parse_augment
 from catdogcnn.export import atomic_write, export_bundle
 from catdogcnn.models import Normalize, build_model, get_spec, num_outputs
 
@@ -113,7 +113,7 @@ SEARCH_SPACE: dict[str, Param] = {
     "weight_decay": Param("choice", choices=(0.0, 1e-5, 1e-4, 1e-3)),
     "batch_size": Param("choice", choices=(32, 64, 128)),
     "dropout": Param("float", 0.0, 0.6, grid=(0.1, 0.25, 0.5)),
-    "augment": Param("choice", choices=("none", "flip", "seed", "keras", "medium", "crop", "strong")),
+    "augment": Param("choice", choices=tuple(PRESETS)),
     "schedule": Param("choice", choices=("constant", "cosine")),
     "image_size": Param("choice", choices=(64, 80, 96)),
     "epochs": Param("int", 10, 60, grid=(25, 40, 60)),
