@@ -43,6 +43,7 @@ lint: install
 ## Every benchmark, one after the other (about 75 minutes on 2 cores); each prints a markdown table.
 bench: install
 	$(BIN)/python benchmarks/seed_cnn.py --data $(DATA) --seeds 0 1 2
+	$(BIN)/python benchmarks/seed_cnn_step.py
 	$(BIN)/python benchmarks/augmentation.py --data $(DATA)
 	$(BIN)/python benchmarks/from_scratch.py --data $(DATA)
 	$(BIN)/python benchmarks/accuracy.py --data $(DATA) --tta "default (shipped, int8)"
