@@ -4,8 +4,9 @@ from dataclasses import fields, replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from catdogcnn.augment import PRESETS, AugmentConfig, augment_batch, mix_batch, parse_augment
+from catdogcnn.augment import PRESETS, AugmentConfig, _affine_grid, augment_batch, mix_batch, parse_augment
 
 # Each augmentation switched on alone, at a typical strength.
 SINGLE = {
@@ -75,6 +76,13 @@ def test_flip_alone_is_exact():
     for a, b in zip(x, y, strict=True):
         assert torch.equal(a, b) or torch.equal(a.flip(2), b)
     assert any(not torch.equal(a, b) for a, b in zip(x, y, strict=True))
+
+
+def test_affine_grid_matches_torch():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    for height, width in [(64, 64), (24, 40), (1, 7)]:
+        expected = F.affine_grid(theta, [5, 3, height, width], align_corners=False)
+        torch.testing.assert_close(_affine_grid(theta, height, width), expected)
 
 
 def test_cutout_paints_a_grey_square():

@@ -134,9 +134,20 @@ def _geometry(images: torch.Tensor, config: AugmentConfig, generator: torch.Gene
     theta[:, 1, 1] = torch.cos(shear) * zoom_y * crop_h
     theta[:, 0, 2] = shift_x
     theta[:, 1, 2] = shift_y
-    theta = theta.to(images.device, images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    grid = _affine_grid(theta.to(images.device, images.dtype), *images.shape[2:])
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """F.affine_grid(theta, (N, C, height, width), align_corners=False) written as broadcasts: on a CPU,
+    F.affine_grid's batched matrix product takes 0.77 ms per batch of 32 at 64x64 (5% of a seed-CNN step),
+    this 0.14 ms."""
+    def centres(size: int) -> torch.Tensor:  # pixel centres in [-1, 1]
+        return (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
+
+    x, y = centres(width).view(1, 1, width), centres(height).view(1, height, 1)
+    t = theta.reshape(-1, 6, 1, 1)
+    return torch.stack([t[:, 0] * x + t[:, 1] * y + t[:, 2], t[:, 3] * x + t[:, 4] * y + t[:, 5]], dim=-1)
 
 
 def _colour_jitter(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
