@@ -81,3 +81,20 @@ def test_train_command(seed_layout, tmp_path):
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "run2" / "bundle" / "bundle.json").read_text())
     assert meta["training"]["config"]["lr"] == 0.0005
+
+
+def test_predict_reports_an_empty_folder(tiny_bundle, tmp_path):
+    make_class_folder(tmp_path / "photos", 1)
+    (tmp_path / "empty").mkdir()
+    result = run("predict", tmp_path / "photos", tmp_path / "empty", "--model", tiny_bundle)
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == 2  # the photos still print
+    assert f"error: {tmp_path / 'empty'}: no files in this folder" in result.stderr
+    assert "1 folder(s) had no files" in result.stderr and "could not be read" not in result.stderr
+
+
+def test_predict_refuses_a_threshold_outside_0_1(tiny_bundle, tmp_path):
+    make_class_folder(tmp_path / "photos", 1)
+    result = run("predict", tmp_path / "photos", "--model", tiny_bundle, "--threshold", "1.5")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: threshold must be between 0 and 1, not 1.5\n"

@@ -136,6 +136,8 @@ def test_layouts_and_stratified_split(tmp_path, seed_layout):
     assert sorted(s.label for s in held) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert D.stratified_split(samples, 0.3, seed=0) == (kept, held)  # seeded
     assert not {s.path for s in kept} & {s.path for s in held}
+    with pytest.raises(ValueError, match=r"too few photos to hold out 10% of 4 .*per class: 1, 3\)"):
+        D.stratified_split(samples[9:13], 0.1, seed=0)  # one ant, three bees
 
 
 def test_folder_without_classes_is_a_clear_error(tmp_path):

@@ -90,3 +90,15 @@ def test_default_bundle_is_shipped_and_loads():
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, catdogcnn; catdogcnn.load_classifier(); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threshold_outside_0_1_is_refused(tiny_bundle, tmp_path):
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="threshold must be between 0 and 1"):
+            Classifier(tiny_bundle, threshold=bad)
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps({**meta, "threshold": 2}))
+    with pytest.raises(BundleError, match=r"bundle\.json's threshold must be between 0 and 1, not 2"):
+        Classifier(copy)

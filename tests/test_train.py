@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,13 @@ def test_unwritable_run_folder_fails_before_training(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match="cannot write the run folder"):
         train(tmp_path / "data", blocker / "run", TrainConfig(**FAST), show_progress=False)
+
+
+def test_too_few_photos_to_validate_is_one_clear_error(tmp_path):
+    make_class_folder(tmp_path / "data", 1)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'data'))}: too few photos to hold out "
+                                         r"\d+% of 2 .*per class: 1, 1\)$"):
+        train(tmp_path / "data", tmp_path / "run", TrainConfig(**FAST), show_progress=False)
 
 
 # Ten 8 MB buffers allocated and freed, five times over: glibc by default hands freed heap back to the kernel,

@@ -64,7 +64,8 @@ def predict(
     neither: NeitherOption = True,
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads (default: all cores).")] = None,
 ) -> None:
-    """Label photos: one line per photo; a bad photo prints its error on its own line (exit code 1)."""
+    """Label photos: one line per photo; a bad photo, or a folder with no files, prints its error on its own
+    line (exit code 1)."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -74,8 +75,13 @@ def predict(
         raise _fail(f"--format must be table, csv or json, not {output_format!r}")
 
     classifier = load_classifier(model, threshold=threshold, tta=tta, neither=neither, threads=threads)
-    photos = expand_photos(paths)
-    failed = 0
+    photos, empty_folders, failed = [], 0, 0
+    for path in paths:
+        found = expand_photos([path])
+        if path.is_dir() and not found:  # most likely a wrong path: say so rather than print nothing
+            typer.echo(f"error: {path}: no files in this folder", err=True)
+            empty_folders += 1
+        photos += found
     writer = csv.writer(sys.stdout) if output_format == "csv" else None
     if writer:
         writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in classifier.classes), "error", "reason"])
@@ -97,8 +103,10 @@ def predict(
                 typer.echo(f"{p.source}\t{p.label}\t{p.confidence:.4f}" + (f"\t{p.reason}" if p.reason else ""))
             else:
                 typer.echo(f"error: {p.error}", err=True)
-    if failed:
-        typer.echo(f"{failed} photo(s) could not be read", err=True)
+    problems = ([f"{failed} photo(s) could not be read"] if failed else []) + (
+        [f"{empty_folders} folder(s) had no files"] if empty_folders else [])
+    if problems:
+        typer.echo("; ".join(problems), err=True)
         raise typer.Exit(1)
 
 

@@ -233,15 +233,25 @@ def evaluation_folder(root: Path) -> Path:
     return test if is_seed_layout(root) and test.is_dir() else root
 
 
-def stratified_split(samples: Sequence[Sample], size: float | int, seed: int) -> tuple[list[Sample], list[Sample]]:
+def stratified_split(samples: Sequence[Sample], size: float | int, seed: int,
+                     folder: Path | None = None) -> tuple[list[Sample], list[Sample]]:
     """Seeded, stratified split of a file list into (kept, held out); `size` is a fraction or a count.
 
-    Splitting the file list, not decoded arrays, lets each part be decoded and cached on its own.
+    Splitting the file list, not decoded arrays, lets each part be decoded and cached on its own. Too few
+    photos raise a ValueError that names `folder` (where the photos came from) and the counts per class.
     """
     from sklearn.model_selection import train_test_split
 
     labels = [s.label for s in samples]
-    kept, held_out = train_test_split(list(range(len(samples))), test_size=size, random_state=seed, stratify=labels)
+    try:
+        kept, held_out = train_test_split(list(range(len(samples))), test_size=size, random_state=seed,
+                                          stratify=labels)
+    except ValueError:  # sklearn's message names its parameters, not the photos
+        per_class = Counter(labels)
+        share = f"{size:.0%}" if isinstance(size, float) else size
+        counts = ", ".join(str(per_class[k]) for k in sorted(per_class))
+        raise ValueError(f"{f'{folder}: ' if folder else ''}too few photos to hold out {share} of {len(samples)} "
+                         f"stratified by class (each class needs 2 or more; per class: {counts})") from None
     return [samples[i] for i in sorted(kept)], [samples[i] for i in sorted(held_out)]
 
 

@@ -119,6 +119,11 @@ class Classifier:
         self.image_size: int = int(self.metadata["input"]["image_size"])
         self.resize: str = self.metadata["input"].get("resize", "bilinear")
         self.threshold: float = float(self.metadata["threshold"] if threshold is None else threshold)
+        if not 0 <= self.threshold <= 1:  # also rejects NaN
+            if threshold is None:
+                raise BundleError(f"{self.bundle}: bundle.json's threshold must be between 0 and 1, "
+                                  f"not {self.threshold}")
+            raise ValueError(f"threshold must be between 0 and 1, not {self.threshold}")
         self.model_id: str = self.metadata.get("model_id", graph.stem)
         # Test-time augmentation: average over the photo and its mirror image (twice the work).
         self.tta: bool = bool(self.metadata.get("tta", False) if tta is None else tta)

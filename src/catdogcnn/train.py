@@ -201,11 +201,12 @@ def prepare_data(root: Path, config: TrainConfig, image_size: int, resize: str,
         # Validation: a stratified sample of extra_set; with extra="train" the rest of extra_set trains too.
         _, extra_samples = D.scan_folder(splits["extra"], classes)
         rest, val_samples = D.stratified_split(extra_samples, min(config.val_max, len(extra_samples) // 2),
-                                               config.seed)
+                                               config.seed, splits["extra"])
         if config.extra == "train":
             train_samples += rest
     else:
-        train_samples, val_samples = D.stratified_split(train_samples, config.val_fraction, config.seed)
+        train_samples, val_samples = D.stratified_split(train_samples, config.val_fraction, config.seed,
+                                                        splits["train"])
         if len(val_samples) > config.val_max:
             _, val_samples = D.stratified_split(val_samples, config.val_max, config.seed)
     dropped: list[str] = []
