@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import make_class_folder, write_bad_files
 
 
@@ -98,3 +99,10 @@ def test_predict_refuses_a_threshold_outside_0_1(tiny_bundle, tmp_path):
     result = run("predict", tmp_path / "photos", "--model", tiny_bundle, "--threshold", "1.5")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: threshold must be between 0 and 1, not 1.5\n"
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--threads"])
+def test_predict_refuses_counts_below_1(tiny_bundle, tmp_path, option):
+    make_class_folder(tmp_path / "photos", 1)
+    result = run("predict", tmp_path / "photos", "--model", tiny_bundle, option, "0")
+    assert result.returncode == 2 and result.stdout == "" and option in result.stderr

@@ -129,6 +129,14 @@ def test_config_rejects_unknown_settings():
         TrainConfig(model="nope").validate()
 
 
+@pytest.mark.parametrize("setting, value", [("image_size", 8), ("val_fraction", 1.5), ("val_max", 0), ("threads", 0),
+                                            ("weight_decay", -1e-4), ("warmup_epochs", -1), ("label_smoothing", 1),
+                                            ("dropout", 1.2), ("probe_c", 0), ("backbone_lr_scale", -1)])
+def test_config_rejects_settings_out_of_range(setting, value):
+    with pytest.raises(ValueError, match=f"^{setting} must be .*, not {value}$"):
+        TrainConfig(**{setting: value}).validate()
+
+
 def test_more_than_two_classes(tmp_path):
     make_class_folder(tmp_path / "data", 30, classes=("ant", "bee", "cow"), seed=5)
     bundle = train(tmp_path / "data", tmp_path / "run", TrainConfig(**FAST), cache_dir=tmp_path / "cache",

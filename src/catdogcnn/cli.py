@@ -58,11 +58,11 @@ def predict(
     model: ModelOption = None,
     threshold: ThresholdOption = None,
     output_format: Annotated[str, typer.Option("--format", help="table, csv or json (JSON lines).")] = "table",
-    batch_size: Annotated[int | None, typer.Option(help="Photos per model call (default: by input size).")]
-    = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Photos per model call (default: by input "
+                                                   "size).")] = None,
     tta: TtaOption = None,
     neither: NeitherOption = True,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime threads (default: all cores).")] = None,
 ) -> None:
     """Label photos: one line per photo; a bad photo, or a folder with no files, prints its error on its own
     line (exit code 1)."""
@@ -360,10 +360,10 @@ def import_keras_command(
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the service to the network.")]
     = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     model: ModelOption = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest photo accepted, in MB.")] = 10.0,
-    max_batch: Annotated[int | None, typer.Option(help="Most photos in one model call (micro-batching; "
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest photo accepted, in MB.")] = 10.0,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Most photos in one model call (micro-batching; "
                                                   "default 8).")] = None,
 ) -> None:
     """Serve the web page and the HTTP API (docs at /docs)."""

@@ -92,6 +92,20 @@ class TrainConfig:
             raise ValueError(f"select must be best or last, not {self.select!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        # Checked here, before any photo is decoded, rather than deep inside torch or sklearn.
+        ranges = [("image_size", self.image_size is None or self.image_size >= 16, ">= 16"),
+                  ("val_fraction", 0 < self.val_fraction < 1, "between 0 and 1"),
+                  ("val_max", self.val_max >= 2, ">= 2"),
+                  ("threads", self.threads is None or self.threads >= 1, ">= 1"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+                  ("backbone_lr_scale", self.backbone_lr_scale >= 0, ">= 0"),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                  ("dropout", self.dropout is None or 0 <= self.dropout < 1, "in [0, 1)"),
+                  ("probe_c", self.probe_c is None or self.probe_c > 0, "> 0")]
+        for name, ok, rule in ranges:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
