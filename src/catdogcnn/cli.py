@@ -248,11 +248,11 @@ def quantize(
     """Write an int8 copy of a bundle (faster on CPUs) and report how closely it agrees with the original."""
     import numpy as np
 
-    from catdogcnn.export import quantize_bundle
+    from catdogcnn.export import float_bundle_metadata, quantize_bundle
     from catdogcnn.predict import read_bundle_metadata
     from catdogcnn.train import TrainConfig, prepare_data
 
-    meta = read_bundle_metadata(bundle)
+    meta = float_bundle_metadata(bundle)
     if "config" not in meta.get("training", {}):
         raise ValueError(f"{bundle}: the bundle records no training configuration, so its validation photos "
                          "are unknown")

@@ -128,6 +128,16 @@ def export_bundle(model: nn.Module, out_dir: Path, *, image_size: int, mean: tup
     return write_bundle(out_dir, onnx_bytes, {**metadata, "export": export_info}, module.output_names)
 
 
+def float_bundle_metadata(bundle_dir: Path) -> dict:
+    """A bundle's metadata, or a ValueError when it is already int8 (callers check before decoding photos)."""
+    from catdogcnn.predict import read_bundle_metadata
+
+    metadata = read_bundle_metadata(bundle_dir)
+    if "quantization" in metadata:
+        raise ValueError(f"{bundle_dir}: already quantized")
+    return metadata
+
+
 def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndarray, check_images: np.ndarray,
                     check_labels: np.ndarray) -> Path:
     """Write an int8 copy of a bundle (onnxruntime static quantization, QDQ, per-channel weights).
@@ -141,11 +151,9 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from catdogcnn.calibration import neither_threshold
-    from catdogcnn.predict import decide, read_bundle_metadata
+    from catdogcnn.predict import decide
 
-    metadata = read_bundle_metadata(bundle_dir)
-    if "quantization" in metadata:
-        raise ValueError(f"{bundle_dir}: already quantized")
+    metadata = float_bundle_metadata(bundle_dir)
     graph_in, outputs = metadata["graph"]["input"], metadata["graph"]["outputs"]
 
     class Batches(CalibrationDataReader):
