@@ -106,3 +106,13 @@ def test_predict_refuses_counts_below_1(tiny_bundle, tmp_path, option):
     make_class_folder(tmp_path / "photos", 1)
     result = run("predict", tmp_path / "photos", "--model", tiny_bundle, option, "0")
     assert result.returncode == 2 and result.stdout == "" and option in result.stderr
+
+
+@pytest.mark.parametrize("args, option", [(("tune", "DATA", "--trials", "0"), "--trials"),
+                                          (("train", "DATA", "--nproc", "0"), "--nproc"),
+                                          (("data", "split", "DATA", "--dest", "OUT", "--train", "0"), "--train"),
+                                          (("serve", "--max-batch", "0"), "--max-batch")])
+def test_counts_below_their_minimum_are_refused(tmp_path, args, option):
+    args = [str(tmp_path / a) if a in ("DATA", "OUT") else a for a in args]
+    result = run(*args)
+    assert result.returncode == 2 and option in result.stderr

@@ -204,8 +204,9 @@ def train(
     = None,
     threads: Annotated[int | None, typer.Option()] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
-    nproc: Annotated[int, typer.Option(help="Train in this many processes on this machine (torchrun + "
-                                       "DistributedDataParallel; the effective batch is batch size x nproc).")] = 1,
+    nproc: Annotated[int, typer.Option(min=1, help="Train in this many processes on this machine (torchrun "
+                                              "+ DistributedDataParallel; the effective batch is batch size x "
+                                              "nproc).")] = 1,
     bundle: Annotated[Path | None, typer.Option(help="Where to write the model bundle (default OUT/bundle); "
                                                 "replaced atomically.")] = None,
 ) -> None:
@@ -243,7 +244,8 @@ def quantize(
     data_dir: Annotated[Path, typer.Argument(help="The training data: activation ranges come from training photos, "
                                              "the check from the bundle's own validation photos.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write (replaced atomically).")],
-    calibration_photos: Annotated[int, typer.Option(help="Training photos to measure activation ranges on.")] = 512,
+    calibration_photos: Annotated[int, typer.Option(min=1, help="Training photos to measure activation "
+                                                    "ranges on.")] = 512,
 ) -> None:
     """Write an int8 copy of a bundle (faster on CPUs) and report how closely it agrees with the original."""
     import numpy as np
@@ -271,8 +273,8 @@ def tune(
     data_dir: Annotated[Path, typer.Argument(help="Seed layout or a folder of class folders (test_set is never "
                                              "used).")],
     model: Annotated[str, typer.Option(help="Architecture from the registry.")] = "seed_cnn",
-    trials: Annotated[int, typer.Option(help="Finished trials the study should hold; a rerun resumes up to it.")]
-    = 20,
+    trials: Annotated[int, typer.Option(min=1, help="Finished trials the study should hold; a rerun resumes up "
+                                        "to it.")] = 20,
     sampler: Annotated[str, typer.Option(help="tpe (default) or grid (every combination of the grid values).")]
     = "tpe",
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by workers, e.g. "
@@ -318,7 +320,8 @@ def tune(
 def data_check(
     data_dir: Annotated[Path, typer.Argument(help="Seed layout or a folder of class folders.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    near_distance: Annotated[int, typer.Option(help="Max pHash bit distance for near-duplicates.")] = 4,
+    near_distance: Annotated[int, typer.Option(min=0, max=64, help="Max pHash bit distance for near-duplicates.")]
+    = 4,
 ) -> None:
     """Counts per split and class, bad files, exact duplicates (leakage, label conflicts), near-duplicates."""
     from catdogcnn.data import check_dataset
@@ -447,8 +450,8 @@ def data_download(
 def data_split(
     source: Annotated[Path, typer.Argument(help="Folder of class folders (e.g. data/PetImages).")],
     dest: Annotated[Path, typer.Option(help="Where to lay out training_set/test_set/extra_set.")],
-    train: Annotated[int, typer.Option(help="Training photos per class.")] = 4000,
-    test: Annotated[int, typer.Option(help="Test photos per class.")] = 1000,
+    train: Annotated[int, typer.Option(min=1, help="Training photos per class.")] = 4000,
+    test: Annotated[int, typer.Option(min=1, help="Test photos per class.")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
     extra: Annotated[bool, typer.Option("--extra/--no-extra", help="Put the remaining photos in extra_set.")]
     = True,
