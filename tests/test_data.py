@@ -84,12 +84,24 @@ def test_unreadable_file_is_reported(tmp_path, monkeypatch):
     path = tmp_path / "locked.jpg"
     path.write_bytes(encode(synthetic_photo(0, np.random.default_rng(4), 16), "JPEG"))
     path.chmod(0)
-    if os.access(path, os.R_OK):  # root reads anything: make open() refuse as it would for a normal user
+    if os.access(path, os.R_OK):  # root reads anything: make the read refuse as it would for a normal user
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
-        monkeypatch.setattr(D, "open", refuse, raising=False)
+        monkeypatch.setattr(D, "read_regular_file", refuse)
     with pytest.raises(D.BadImageError, match="permission denied"):
         D.decode_image(path, 16)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX feature")
+def test_a_named_pipe_is_reported_not_waited_on(tmp_path):
+    make_class_folder(tmp_path, 2)
+    os.mkfifo(tmp_path / "dogs" / "pipe.jpg")  # no writer: a plain open() would wait forever
+    with pytest.raises(D.BadImageError, match="not a regular file"):
+        D.decode_image(tmp_path / "dogs" / "pipe.jpg", 16)
+    classes, samples = D.scan_folder(tmp_path)
+    found = D.load_images(samples, classes, 32, cache_dir=False)
+    assert len(found) == 4 and [Path(e.path).name for e in found.bad] == ["pipe.jpg"]
+    assert D.file_digests([tmp_path / "dogs" / "pipe.jpg"]) == [None]
 
 
 def test_load_images_skips_and_reports_bad_files(tmp_path, caplog):

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import stat
 import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -82,6 +83,19 @@ class ImageSet:
 
 # --------------------------------------------------------------------------- decoding
 
+class NotRegularFileError(OSError):
+    """A path that names a pipe, socket or device: reading it could wait forever."""
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """A file's bytes; a pipe or device raises NotRegularFileError instead of blocking the run."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a pipe without a writer never returns
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"{os.fspath(path)}: not a regular file")
+        return f.read()
+
+
 def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
     if isinstance(source, bytes):
         return source, "<bytes>"
@@ -89,8 +103,9 @@ def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
         return source.read(), getattr(source, "name", "<stream>")
     name = os.fspath(source)
     try:
-        with open(name, "rb") as f:
-            return f.read(), name
+        return read_regular_file(name), name
+    except NotRegularFileError:
+        raise BadImageError(name, "not a regular file (a pipe, socket or device)", "unreadable") from None
     except PermissionError:
         raise BadImageError(name, "permission denied (cannot read the file)", "unreadable") from None
     except IsADirectoryError:
@@ -380,8 +395,7 @@ def _pair_kind(a: tuple[str, str], b: tuple[str, str]) -> str:
 
 def _file_digest(path: Path) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(read_regular_file(path)).hexdigest()
     except OSError:
         return None
 
