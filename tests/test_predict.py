@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import make_class_folder, synthetic_photo, write_bad_files
+from PIL import Image
 
 from catdogcnn import BadImageError, BundleError, Classifier, load_classifier
 from catdogcnn.predict import default_bundle_path
@@ -29,6 +30,21 @@ def test_bytes_and_file_objects_give_the_same_answer(tiny_bundle, tmp_path):
     clf = Classifier(tiny_bundle)
     a, b, c = clf.predict(path), clf.predict(path.read_bytes()), clf.predict(io.BytesIO(path.read_bytes()))
     assert a.probabilities == b.probabilities == c.probabilities
+
+
+def test_photos_in_memory_give_the_same_answer_as_their_file(tiny_bundle, tmp_path):
+    path = tmp_path / "x.png"
+    synthetic_photo(1, np.random.default_rng(1), 80).save(path)
+    clf = Classifier(tiny_bundle)
+    image = Image.open(path)
+    from_file, from_image, from_array = clf.predict(path), clf.predict(image), clf.predict(np.asarray(image))
+    assert from_file.probabilities == from_image.probabilities == from_array.probabilities
+    assert (from_image.source, from_array.source) == ("<PIL image>", "<array>")
+    rgba = np.dstack([np.asarray(image), np.full((80, 80), 255, np.uint8)])  # opaque alpha: the same photo
+    assert clf.predict(rgba).probabilities == from_file.probabilities
+    for bad in (np.asarray(image, np.float32), np.zeros((0, 8, 3), np.uint8), np.zeros((8, 8, 2), np.uint8)):
+        with pytest.raises(BadImageError, match=r"^<array>: an array photo must be uint8 .* not \w+ \("):
+            clf.predict(bad)
 
 
 def test_threshold_decides_between_two_classes(tiny_bundle, tmp_path):

@@ -39,7 +39,8 @@ CACHE_VERSION = 2
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
-ImageSource = str | os.PathLike | bytes | BinaryIO
+# A photo: a path, its bytes, an open binary file, or already in memory (a Pillow image or a uint8 array).
+ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image | np.ndarray
 
 
 class BadImageError(ValueError):
@@ -96,12 +97,23 @@ def read_regular_file(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
+def source_name(source: ImageSource) -> str:
+    """How messages and predictions name a photo: its path, else what kind of object it is."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, np.ndarray):
+        return "<array>"
+    if isinstance(source, Image.Image):
+        return "<PIL image>"
+    return "<bytes>" if isinstance(source, bytes) else str(getattr(source, "name", "<stream>"))
+
+
 def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
+    name = source_name(source)
     if isinstance(source, bytes):
-        return source, "<bytes>"
+        return source, name
     if hasattr(source, "read"):
-        return source.read(), getattr(source, "name", "<stream>")
-    name = os.fspath(source)
+        return source.read(), name
     try:
         return read_regular_file(name), name
     except NotRegularFileError:
@@ -132,6 +144,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def _image_from_memory(source: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    shape_ok = source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (1, 3, 4))
+    if source.dtype != np.uint8 or not shape_ok or source.size == 0:
+        raise BadImageError(source_name(source), f"an array photo must be uint8 (H, W), (H, W, 3) or (H, W, 4), "
+                                                 f"not {source.dtype} {source.shape}", "not_image")
+    return Image.fromarray(source[:, :, 0] if source.ndim == 3 and source.shape[2] == 1 else source)
+
+
 def decode_image(source: ImageSource, size: int | None = None, resample: str = "bilinear") -> np.ndarray:
     """Decode one photo to a uint8 RGB array, resized (squashed) to `size` x `size` when given.
 
@@ -139,15 +161,19 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
     decoded at a reduced scale (Pillow's draft mode) when that still covers `size`, which is what
     makes large photos fast. Raises BadImageError with a one-line reason for anything unusable.
     """
-    data, name = _read_bytes(source)
-    if not data:
+    in_memory = _image_from_memory(source) if isinstance(source, (Image.Image, np.ndarray)) else None
+    data, name = (b"", source_name(source)) if in_memory is not None else _read_bytes(source)
+    if not data and in_memory is None:
         raise BadImageError(name, "empty file (0 bytes)", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if size and img.format == "JPEG" and resample != "nearest":  # nearest must see every pixel, as Keras
-                img.draft("RGB", (size, size))
+            if in_memory is not None:
+                img = in_memory
+            else:
+                img = Image.open(io.BytesIO(data))
+                if size and img.format == "JPEG" and resample != "nearest":  # nearest sees every pixel, as Keras
+                    img.draft("RGB", (size, size))
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)

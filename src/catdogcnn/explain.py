@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from catdogcnn.data import ImageSource, source_name
 from catdogcnn.predict import Classifier, Prediction
 
 # A dark-blue -> red -> yellow ramp (like Matplotlib's "inferno"), 5 stops interpolated: enough for a heat map,
@@ -44,11 +44,10 @@ def png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def explain(classifier: Classifier, photo: str | os.PathLike | bytes) -> tuple[Prediction, Image.Image]:
+def explain(classifier: Classifier, photo: ImageSource) -> tuple[Prediction, Image.Image]:
     """The prediction for one photo and its heat map over the photo as the model saw it."""
     image = classifier.preprocess(photo)
-    source = str(photo) if isinstance(photo, (str, os.PathLike)) else "<bytes>"
-    prediction = classifier.predict_decoded(image[None], [source], explain=True)[0]
+    prediction = classifier.predict_decoded(image[None], [source_name(photo)], explain=True)[0]
     return prediction, overlay(image, prediction.heatmap)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many
+from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many, source_name
 
 # Output names of the bundle graph (export.py writes them; it is not imported here because it needs torch).
 OUTPUT_NAME = "probabilities"
@@ -198,9 +198,9 @@ class Classifier:
         return out
 
     def predict(self, photo: ImageSource, explain: bool = False) -> Prediction:
-        """One photo (path, bytes or file object); raises BadImageError when it cannot be decoded."""
-        source = str(photo) if isinstance(photo, (str, os.PathLike)) else getattr(photo, "name", "<bytes>")
-        return self.predict_decoded(self.preprocess(photo)[None], [source], explain)[0]
+        """One photo (path, bytes, file object, Pillow image or uint8 RGB array); raises BadImageError when it
+        cannot be decoded."""
+        return self.predict_decoded(self.preprocess(photo)[None], [source_name(photo)], explain)[0]
 
     @property
     def batch_size(self) -> int:
