@@ -58,13 +58,17 @@ def main() -> None:
             ["--config", str(args.config)] if args.config else [])
         total, bundle = train_run(args.data, args.out / f"seed{seed}", seed, *flags)
         records = [json.loads(line) for line in (args.out / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        # The bundle as shipped (mirror averaging when its validation photos chose it), then one view only.
         test = evaluate(args.data, Classifier(bundle))
         test_06 = evaluate(args.data, Classifier(bundle, threshold=0.6))
+        test_one_view = evaluate(args.data, Classifier(bundle, tta=False))
         train = evaluate(args.data / "training_set", Classifier(bundle))
+        meta = json.loads((bundle / "bundle.json").read_text())
         rows.append({"seed": seed, "train": train["accuracy"], "test": test["accuracy"], "test_06": test_06["accuracy"],
+                     "one_view": test_one_view["accuracy"], "tta": meta.get("tta", False),
                      "log_loss": test["log_loss"], "epoch_s": statistics.median(r["seconds"] for r in records),
                      "img_s": statistics.median(r["images_per_second"] for r in records), "total_s": total,
-                     "epoch": json.loads((bundle / "bundle.json").read_text())["training"]["epoch"]})
+                     "epoch": meta["training"]["epoch"]})
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     recipe = (f"recipe {args.config}: " + json.dumps({k: v for k, v in json.loads(args.config.read_text()).items()
@@ -73,16 +77,18 @@ def main() -> None:
               if args.config else "Seed recipe (25 epochs, batch 32, Adam 1e-3, flip/shear/zoom)")
     print(f"\n{recipe}{f', {args.epochs} epochs' if args.epochs else ''} on {args.data}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end\n")
-    print("| seed | train acc | test acc @0.5 | test acc @0.6 | test log loss | s/epoch (median) | images/s | "
-          "total s | exported epoch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| seed | train acc | test acc @0.5 | test acc @0.6 | test log loss | mirror averaging (validation's "
+          "choice) | test acc @0.5, one view | s/epoch (median) | images/s | total s | exported epoch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seed']} | {r['train']:.2%} | {r['test']:.2%} | {r['test_06']:.2%} | {r['log_loss']:.4f} | "
-              f"{r['epoch_s']:.2f} | {r['img_s']:.0f} | {r['total_s']:.0f} | {r['epoch']} |")
+              f"{'yes' if r['tta'] else 'no'} | {r['one_view']:.2%} | {r['epoch_s']:.2f} | {r['img_s']:.0f} | "
+              f"{r['total_s']:.0f} | {r['epoch']} |")
     if len(rows) > 1:
-        tests = [r["test"] for r in rows]
-        print(f"\nTest accuracy over {len(rows)} seeds: mean {statistics.mean(tests):.2%}, "
-              f"min {min(tests):.2%}, max {max(tests):.2%}")
+        for key, what in (("test", "the bundles as they predict"), ("one_view", "one view only")):
+            tests = [r[key] for r in rows]
+            print(f"\nTest accuracy over {len(rows)} seeds, {what}: mean {statistics.mean(tests):.2%}, "
+                  f"min {min(tests):.2%}, max {max(tests):.2%}")
     print(f"\nPeak memory of a training process: {peak_mb:.0f} MB")
     if args.keras:
         keras = keras_epoch_seconds(args.keras, args.data, args.keras_epochs)

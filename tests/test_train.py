@@ -7,15 +7,17 @@ import platform
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_class_folder
 
+from catdogcnn.data import ImageSet
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
-from catdogcnn.train import TrainConfig, load_checkpoint, train
+from catdogcnn.train import TrainConfig, choose_tta, load_checkpoint, predict_logits, train
 
 FAST = {"epochs": 3, "batch_size": 16, "augment": "none", "threads": 2, "val_fraction": 0.2}
 
@@ -49,6 +51,36 @@ def test_run_folder_has_metrics_checkpoints_and_bundle(trained):
     assert meta["export"]["parity_max_abs_diff"] < 1e-4
     assert meta["training"]["parameters"] == 813_217
     assert meta["data"]["train"]["n"] == 160 and meta["data"]["val"]["n"] == 40
+    choice = meta["tta_choice"]  # "auto": decided on the validation photos, both figures kept
+    better = (choice["log_loss"]["flip_averaged"] < choice["log_loss"]["plain"]
+              and choice["accuracy"]["flip_averaged"] >= choice["accuracy"]["plain"])
+    assert meta["tta"] == choice["used"] == better
+    assert meta["metrics"]["val_accuracy"] == choice["accuracy"]["flip_averaged" if better else "plain"]
+
+
+class LeftMinusRight(torch.nn.Module):
+    """A 'model' that reads only which half of the photo is brighter: its mirror image says the opposite."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[3] // 2
+        return 10 * (x[..., :half].mean((1, 2, 3)) - x[..., half:].mean((1, 2, 3)))[:, None]
+
+
+def test_tta_is_chosen_on_validation_photos():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 128, (40, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(40) % 2
+    images[labels == 1, :, :8] += 100  # class 1: the left half is brighter, class 0: the right half
+    images[labels == 0, :, 8:] += 100
+    val = ImageSet(["a", "b"], [Path(f"{i}.png") for i in range(40)], labels, images)
+    model, identity = LeftMinusRight(), torch.nn.Identity()
+    logits = predict_logits(model, identity, images, torch.device("cpu"))[0]
+    auto = choose_tta(model, identity, val, logits, "auto")
+    assert auto["accuracy"]["plain"] == 1.0 and auto["log_loss"]["plain"] < 0.1
+    assert auto["log_loss"]["flip_averaged"] == pytest.approx(np.log(2), abs=1e-6)  # the two views cancel out
+    assert not auto["used"]
+    assert choose_tta(model, identity, val, logits, "on")["used"]
+    assert choose_tta(model, identity, val, logits, "off") == {"setting": "off", "used": False}
 
 
 def test_same_seed_same_model(tmp_path):
@@ -127,6 +159,8 @@ def test_config_rejects_unknown_settings():
         TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
     with pytest.raises(KeyError, match="unknown model"):
         TrainConfig(model="nope").validate()
+    with pytest.raises(ValueError, match="tta must be auto, on or off, not 'maybe'"):
+        TrainConfig(tta="maybe").validate()
 
 
 @pytest.mark.parametrize("setting, value", [("image_size", 8), ("val_fraction", 1.5), ("val_max", 0), ("threads", 0),

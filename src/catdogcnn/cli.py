@@ -194,6 +194,8 @@ def train(
     val_fraction: Annotated[float | None, typer.Option()] = None,
     val_max: Annotated[int | None, typer.Option(help="Validation photos at most (default 5000).")] = None,
     select: Annotated[str | None, typer.Option(help="Weights to export: best (validation) or last.")] = None,
+    tta: Annotated[str | None, typer.Option(help="Bundle predicts on the photo and its mirror image: auto (when "
+                                            "that is better on the validation photos), on or off.")] = None,
     recipe: Annotated[str | None, typer.Option(help="full (train all weights) or probe (frozen pretrained "
                                                "features + logistic regression).")] = None,
     probe_c: Annotated[float | None, typer.Option(help="probe: regularisation C (default: chosen on "
@@ -227,8 +229,9 @@ def train(
              "optimizer": optimizer, "schedule": schedule, "warmup_epochs": warmup_epochs,
              "backbone_lr_scale": backbone_lr_scale, "label_smoothing": label_smoothing,
              "image_size": image_size, "resize": resize, "augment": augment, "dropout": dropout, "ema": ema,
-             "extra": extra, "val_fraction": val_fraction, "val_max": val_max, "select": select, "recipe": recipe,
-             "probe_c": probe_c, "seed": seed, "device": device, "precision": precision, "threads": threads}
+             "extra": extra, "val_fraction": val_fraction, "val_max": val_max, "select": select, "tta": tta,
+             "recipe": recipe, "probe_c": probe_c, "seed": seed, "device": device, "precision": precision,
+             "threads": threads}
     values.update({k: v for k, v in flags.items() if v is not None})
     config = TrainConfig.from_dict(values)
     try:

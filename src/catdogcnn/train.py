@@ -56,6 +56,9 @@ class TrainConfig:
     val_fraction: float = 0.1  # held out of the training photos when there is no extra_set to validate on
     val_max: int = 5000  # validation photos at most (a stratified sample); more make the choice of epoch surer
     select: str = "best"  # weights that go into the bundle: "best" (validation accuracy) or "last"
+    # Predictions that average the photo and its mirror image (twice the inference work): "auto" turns them on
+    # in the bundle when, on the validation photos, they lower the log loss and keep or raise the accuracy.
+    tta: str = "auto"  # "auto" | "on" | "off"
     recipe: str = "full"  # "full": train every weight; "probe": frozen pretrained features + logistic regression
     probe_c: float | None = None  # probe: inverse regularisation; None chooses from PROBE_C_GRID on validation
     seed: int = 0
@@ -90,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
         if self.select not in ("best", "last"):
             raise ValueError(f"select must be best or last, not {self.select!r}")
+        if self.tta not in ("auto", "on", "off"):
+            raise ValueError(f"tta must be auto, on or off, not {self.tta!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
         # Checked here, before any photo is decoded, rather than deep inside torch or sklearn.
@@ -578,14 +583,19 @@ def _finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tr
     calibration = calibrate(model, val_logits[0].numpy(), dataset.val.labels)
     val_logits = (val_logits[0] / calibration["temperature"], *val_logits[1:])
     final = logits_metrics(val_logits[0], dataset.val.labels)
+    tta = choose_tta(model, normalize, dataset.val, val_logits[0], config.tta)
+    if tta["used"]:
+        final = {"accuracy": tta["accuracy"]["flip_averaged"], "loss": tta["log_loss"]["flip_averaged"]}
     metadata = {
         "architecture": config.model,
         "classes": dataset.summary["classes"],
         "input": {"image_size": image_size, "resize": config.resize or spec.resize, "layout": "NHWC uint8 RGB",
                   "mean": list(spec.mean), "std": list(spec.std)},
         "threshold": 0.5,
+        "tta": tta["used"],
         "metrics": {"val_accuracy": final["accuracy"], "val_log_loss": final["loss"], "val_n": len(dataset.val)},
         "calibration": calibration,
+        "tta_choice": tta,
         "training": {"config": asdict(config), "augment": parse_augment(config.augment).to_dict(),
                      "parameters": sum(p.numel() for p in model.parameters()), **training},
         "data": dataset.summary,
@@ -596,8 +606,25 @@ def _finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tr
     bundle = export_bundle(model, bundle_dir, image_size=image_size, mean=spec.mean, std=spec.std,
                            parity_images=parity, metadata=metadata)
     console.print(f"bundle written to {bundle} (val accuracy {final['accuracy']:.4f}, "
-                  f"val log loss {final['loss']:.4f})")
+                  f"val log loss {final['loss']:.4f}{', averaged with the mirror image' if tta['used'] else ''})")
     return bundle
+
+
+def choose_tta(model: nn.Module, normalize: nn.Module, val: D.ImageSet, val_logits: torch.Tensor, setting: str) -> dict:
+    """Whether the bundle averages each photo with its mirror image: `setting` "on"/"off", or "auto", which
+    decides on the validation photos (lower log loss, accuracy kept or raised); both figures are recorded."""
+    if setting == "off":
+        return {"setting": setting, "used": False}
+    from catdogcnn.calibration import log_loss, probabilities_from_logits
+
+    mirrored = predict_logits(model, normalize, val.images[:, :, ::-1], torch.device("cpu"))[0]
+    plain = probabilities_from_logits(val_logits.numpy())
+    averaged = (plain + probabilities_from_logits(mirrored.numpy())) / 2  # as the Classifier averages them
+    accuracy = {name: float((p.argmax(1) == val.labels).mean()) for name, p in
+                (("plain", plain), ("flip_averaged", averaged))}
+    loss = {"plain": log_loss(val.labels, plain), "flip_averaged": log_loss(val.labels, averaged)}
+    used = setting == "on" or (loss["flip_averaged"] < loss["plain"] and accuracy["flip_averaged"] >= accuracy["plain"])
+    return {"setting": setting, "used": used, "accuracy": accuracy, "log_loss": loss, "fitted_on": "validation photos"}
 
 
 def calibrate(model: nn.Module, val_logits: np.ndarray, labels: np.ndarray) -> dict:
