@@ -178,3 +178,15 @@ def test_check_finds_the_13_known_pairs(real_data):
     pairs = {frozenset(Path(x).stem for x in (p.a, p.b)) for p in report.exact_duplicates}
     assert len(report.exact_duplicates) == 13
     assert frozenset({"cat.4435", "cat.3411"}) in pairs and frozenset({"cat.8456", "dog.8736"}) in pairs
+
+
+def test_a_file_too_large_for_a_photo_is_refused_unread(tmp_path):
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:  # sparse: no disk space used
+        f.truncate(D.MAX_FILE_BYTES + 1)
+    with pytest.raises(D.BadImageError, match="huge.jpg: .* too large for a photo") as info:
+        D.decode_image(path, 16)
+    assert info.value.kind == "bomb"
+    with open(path, "rb") as f, pytest.raises(D.BadImageError, match="too large for a photo"):
+        D.decode_image(f, 16)
+    assert D.file_digests([path])[0] is not None  # `data check` still hashes it (streamed) for its duplicate report

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 from conftest import make_class_folder
 from test_cli import run
 
-from catdogcnn.predict import Classifier
+from catdogcnn.data import load_images, scan_folder
+from catdogcnn.export import quantize_bundle
+from catdogcnn.predict import Classifier, decide
 from catdogcnn.train import TrainConfig, train
 
 
@@ -31,6 +36,20 @@ def test_quantized_bundle_agrees_with_the_float_one(tmp_path):
 
     again = run("quantize", tmp_path / "int8", data, "--out", tmp_path / "int8-again")
     assert again.returncode == 2 and "already quantized" in again.stderr
+
+    # The recorded accuracies are those of the bundle as it predicts: with or without mirror averaging.
+    classes, samples = scan_folder(data / "test_set")
+    photos = load_images(samples, classes, 64, cache_dir=False)
+    for tta in (False, True):
+        copy = shutil.copytree(bundle, tmp_path / f"tta-{tta}")
+        meta = json.loads((copy / "bundle.json").read_text())
+        (copy / "bundle.json").write_text(json.dumps({**meta, "tta": tta}))
+        info = Classifier(quantize_bundle(copy, tmp_path / f"int8-{tta}", photos.images, photos.images,
+                                          photos.labels)).metadata["quantization"]
+        float_clf = Classifier(copy)
+        expected = (decide(float_clf.predict_arrays(photos.images), float_clf.threshold) == photos.labels).mean()
+        assert info["val_accuracy_float"] == expected
+        assert ("mirror" in info["checked_on"]) == tta
 
 
 def test_quantize_needs_the_training_record(tiny_bundle, tmp_path):

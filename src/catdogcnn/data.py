@@ -18,6 +18,7 @@ import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -32,6 +33,8 @@ SPLIT_FOLDERS = {"train": "training_set", "test": "test_set", "extra": "extra_se
 # Pillow warns past MAX_IMAGE_PIXELS and raises past twice that; we refuse both (a 16k x 10k photo passes).
 MAX_IMAGE_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Larger files are refused before they are read: room for an uncompressed RGBA photo at the pixel limit.
+MAX_FILE_BYTES = 4 * MAX_IMAGE_PIXELS
 # Leading bytes of formats we know: a file that starts like one but will not open is corrupt, not "not an image".
 MAGIC = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"RIFF": "WebP", b"BM": "BMP",
          b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
@@ -46,7 +49,7 @@ ImageSource = str | os.PathLike | bytes | BinaryIO | Image.Image | np.ndarray
 class BadImageError(ValueError):
     """A photo that cannot be used: the message is one line, `path: reason`.
 
-    `kind` sorts the reasons: unreadable, empty, not_image, corrupt, truncated, bomb.
+    `kind` sorts the reasons: unreadable, empty, not_image, corrupt, truncated, bomb (too many pixels or bytes).
     """
 
     def __init__(self, path: str, reason: str, kind: str = "corrupt"):
@@ -88,12 +91,30 @@ class NotRegularFileError(OSError):
     """A path that names a pipe, socket or device: reading it could wait forever."""
 
 
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """A file's bytes; a pipe or device raises NotRegularFileError instead of blocking the run."""
+class FileTooLargeError(OSError):
+    """A file larger than MAX_FILE_BYTES: no photo we accept is that large, so it is not read into memory."""
+
+    def __init__(self, path: str, size: int):
+        super().__init__(f"{path}: {size:,} bytes")
+        self.size = size
+
+
+@contextmanager
+def open_regular_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a file for reading; a pipe or device raises NotRegularFileError instead of blocking the run."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a pipe without a writer never returns
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFileError(f"{os.fspath(path)}: not a regular file")
+        yield f
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """A file's bytes; a pipe or device raises NotRegularFileError, a file over `max_bytes` FileTooLargeError."""
+    with open_regular_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise FileTooLargeError(os.fspath(path), size)
         return f.read()
 
 
@@ -113,11 +134,17 @@ def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
     if isinstance(source, bytes):
         return source, name
     if hasattr(source, "read"):
-        return source.read(), name
+        data = source.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise BadImageError(name, f"more than {MAX_FILE_BYTES:,} bytes: too large for a photo", "bomb")
+        return data, name
     try:
         return read_regular_file(name), name
     except NotRegularFileError:
         raise BadImageError(name, "not a regular file (a pipe, socket or device)", "unreadable") from None
+    except FileTooLargeError as e:
+        raise BadImageError(name, f"{e.size:,} bytes, more than {MAX_FILE_BYTES:,}: too large for a photo",
+                            "bomb") from None
     except PermissionError:
         raise BadImageError(name, "permission denied (cannot read the file)", "unreadable") from None
     except IsADirectoryError:
@@ -421,7 +448,11 @@ def _pair_kind(a: tuple[str, str], b: tuple[str, str]) -> str:
 
 def _file_digest(path: Path) -> str | None:
     try:
-        return hashlib.sha256(read_regular_file(path)).hexdigest()
+        digest = hashlib.sha256()
+        with open_regular_file(path) as f:  # in chunks: a huge file is hashed without being held in memory
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
     except OSError:
         return None
 

@@ -151,7 +151,7 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from catdogcnn.calibration import neither_threshold
-    from catdogcnn.predict import decide
+    from catdogcnn.predict import decide, run_graph
 
     metadata = float_bundle_metadata(bundle_dir)
     graph_in, outputs = metadata["graph"]["input"], metadata["graph"]["outputs"]
@@ -170,17 +170,20 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         onnx_bytes = (Path(tmp) / "int8.onnx").read_bytes()
 
+    tta = bool(metadata.get("tta", False))  # check the graphs as the bundle predicts: with mirror averaging if on
+
     def run_all(graph: bytes) -> list[np.ndarray]:
         session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
         batches = np.array_split(np.asarray(check_images), max(1, len(check_images) // 16))
-        return [np.concatenate(parts) for parts in zip(*(session.run(None, {graph_in: b}) for b in batches),
-                                                        strict=True)]
+        return [np.concatenate(parts)
+                for parts in zip(*(run_graph(session, graph_in, outputs, b, tta) for b in batches), strict=True)]
 
     (original, *_), (int8, *int8_rest) = run_all(float_graph.read_bytes()), run_all(onnx_bytes)
     labels_float, labels_int8 = decide(original, metadata["threshold"]), decide(int8, metadata["threshold"])
     check_labels = np.asarray(check_labels)
+    checked_on = f"{len(check_images)} validation photos" + (", averaged with the mirror image" if tta else "")
     info = {"method": "onnxruntime static int8 (QDQ, per-channel weights, uint8 activations, min-max ranges)",
-            "calibration_photos": len(calibration_images), "checked_on": f"{len(check_images)} validation photos",
+            "calibration_photos": len(calibration_images), "checked_on": checked_on,
             "label_agreement": float((labels_float == labels_int8).mean()),
             "max_probability_change": float(np.abs(original - int8).max()),
             "val_accuracy_float": float((labels_float == check_labels).mean()),

@@ -14,10 +14,14 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many, source_name
+
+if TYPE_CHECKING:  # onnxruntime is imported when a Classifier is made: `import catdogcnn` stays quick
+    import onnxruntime as ort
 
 # Output names of the bundle graph (export.py writes them; it is not imported here because it needs torch).
 OUTPUT_NAME = "probabilities"
@@ -98,6 +102,20 @@ def decide(probabilities: np.ndarray, threshold: float) -> np.ndarray:
     return probabilities.argmax(1)
 
 
+def run_graph(session: ort.InferenceSession, input_name: str, names: list[str], images: np.ndarray,
+              tta: bool) -> list[np.ndarray]:
+    """A bundle graph's outputs `names` for uint8 photos (N, S, S, 3); with `tta`, each output is the average
+    over the photo and its mirror image (one call on both views: twice the work)."""
+    images = np.ascontiguousarray(images, np.uint8)
+    if not tta:
+        return session.run(names, {input_name: images})
+    both = session.run(names, {input_name: np.concatenate([images, images[:, :, ::-1]])})
+    n = len(images)
+    # The mirrored view's activation maps are mirrored back before averaging.
+    return [(out[:n] + (out[n:][..., ::-1] if name == ACTIVATION_OUTPUT_NAME else out[n:])) / 2
+            for name, out in zip(names, both, strict=True)]
+
+
 class Classifier:
     """A loaded bundle: one onnxruntime session, reused for every call."""
 
@@ -154,15 +172,8 @@ class Classifier:
 
     def _run(self, images: np.ndarray, explain: bool = False) -> list[np.ndarray]:
         """The graph's outputs in the order of `_outputs_used`, then the class activation maps if `explain`."""
-        images = np.ascontiguousarray(images, np.uint8)
         names = self._outputs_used + ([ACTIVATION_OUTPUT_NAME] if explain else [])
-        if not self.tta:
-            return self.session.run(names, {self._input: images})
-        both = self.session.run(names, {self._input: np.concatenate([images, images[:, :, ::-1]])})
-        n = len(images)
-        # The mirrored view's activation maps are mirrored back before averaging.
-        return [(out[:n] + (out[n:][..., ::-1] if name == ACTIVATION_OUTPUT_NAME else out[n:])) / 2
-                for name, out in zip(names, both, strict=True)]
+        return run_graph(self.session, self._input, names, images, self.tta)
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) for decoded uint8 photos (N, S, S, 3)."""
