@@ -6,11 +6,12 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 from conftest import make_class_folder
 from test_cli import run
 
 from catdogcnn.data import load_images, scan_folder
-from catdogcnn.export import quantize_bundle
+from catdogcnn.export import float_head_nodes, quantize_bundle
 from catdogcnn.predict import Classifier, decide
 from catdogcnn.train import TrainConfig, train
 
@@ -57,3 +58,17 @@ def test_quantize_needs_the_training_record(tiny_bundle, tmp_path):
     result = run("quantize", tiny_bundle, tmp_path / "data", "--out", tmp_path / "int8")
     assert result.returncode == 2 and "no training configuration" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_quantized_bundle_keeps_its_heads_in_float(tiny_bundle, tmp_path):
+    """int8 probabilities would be rounded to steps of 1/255 of their range (most photos exactly 0 or 1)."""
+    rng = np.random.default_rng(0)
+    photos = rng.integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
+    int8 = Classifier(quantize_bundle(tiny_bundle, tmp_path / "int8", photos, photos, rng.integers(0, 2, 40)))
+    graph = onnx.load(int8.bundle / int8.metadata["graph"]["file"])
+    kinds = {node.name: node.op_type for node in graph.graph.node}
+    head = [kinds[name] for name in float_head_nodes(graph)]
+    assert "Sigmoid" in head and "Gemm" in head and not any("Quantize" in kind for kind in head), head
+    assert "DequantizeLinear" in kinds.values()  # the rest is int8
+    float_p = Classifier(tiny_bundle).predict_arrays(photos)[:, 1]
+    assert np.abs(int8.predict_arrays(photos)[:, 1] - float_p).max() < 0.05
