@@ -218,6 +218,8 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
         reason = str(e) or type(e).__name__
         kind = "truncated" if "truncated" in reason.lower() else "corrupt"
         raise BadImageError(name, f"{kind} image ({reason})", kind) from None
+    except Exception as e:  # Pillow's parsers can fail otherwise on damaged headers (TypeError, OverflowError, ...)
+        raise BadImageError(name, f"corrupt image (the decoder failed: {type(e).__name__}: {e})") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
         raise BadImageError(name, f"unexpected decoded shape {arr.shape}")
     return arr
@@ -228,8 +230,6 @@ def _try_decode(path: Path, size: int, resample: str) -> np.ndarray | BadImageEr
         return decode_image(path, size, resample)
     except BadImageError as e:
         return e
-    except Exception as e:  # a decoder bug must not stop a run over 10,000 photos; it is reported like the rest
-        return BadImageError(str(path), f"cannot decode ({type(e).__name__}: {e})")
 
 
 def decode_many(paths: Sequence[Path], size: int, resample: str = "bilinear", workers: int | None = None,
