@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from catdogcnn.evaluate import evaluate
-from catdogcnn.predict import NEITHER, bundled_models_dir, load_classifier
+from catdogcnn.predict import NEITHER, BundleError, bundled_models_dir, load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,14 @@ def test_shipped_from_scratch_model_on_the_real_test_set(real_data):
     assert clf.metadata["architecture"] == "resnet_small" and not clf.neither_rule
     result = evaluate(real_data, clf)
     assert result["n"] == 2000 and result["accuracy"] >= 0.9, result
+
+
+def test_shipped_bundles_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("seed_cnn", "default-float"):
+        assert load_classifier(name).bundle == bundled_models_dir() / name
+    (tmp_path / "seed_cnn").mkdir()  # a folder given by the user wins over the shipped name
+    with pytest.raises(BundleError, match="seed_cnn/bundle.json: no model bundle here"):
+        load_classifier("seed_cnn")
+    with pytest.raises(BundleError, match=r"^nosuch: .*shipped bundle's name: default, default-float, .*seed_cnn\)$"):
+        load_classifier("nosuch")

@@ -42,7 +42,9 @@ def user_errors(func):
     return wrapper
 
 
-ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model bundle folder (default: shipped).")]
+ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model bundle folder, or a shipped bundle's "
+                                                  "name: default, default-float, seed_cnn, resnet_small "
+                                                  "(default: default).")]
 ThresholdOption = Annotated[float | None, typer.Option(help="Decision threshold for the second class "
                                                        "(default: the bundle's; the seed's rule is 0.6).")]
 TtaOption = Annotated[bool | None, typer.Option("--tta/--no-tta", help="Average over the photo and its mirror "
@@ -254,9 +256,10 @@ def quantize(
     import numpy as np
 
     from catdogcnn.export import float_bundle_metadata, quantize_bundle
-    from catdogcnn.predict import read_bundle_metadata
+    from catdogcnn.predict import find_bundle, read_bundle_metadata
     from catdogcnn.train import TrainConfig, prepare_data
 
+    bundle = find_bundle(bundle)
     meta = float_bundle_metadata(bundle)
     if "config" not in meta.get("training", {}):
         raise ValueError(f"{bundle}: the bundle records no training configuration, so its validation photos "

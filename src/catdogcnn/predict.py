@@ -66,13 +66,28 @@ def default_bundle_path() -> Path:
     return Path(os.environ.get("CATDOGCNN_MODEL") or bundled_models_dir() / DEFAULT_BUNDLE)
 
 
-def read_bundle_metadata(bundle: str | os.PathLike) -> dict:
+def shipped_bundle_names() -> list[str]:
+    return sorted(p.parent.name for p in bundled_models_dir().glob("*/bundle.json"))
+
+
+def find_bundle(bundle: str | os.PathLike) -> Path:
+    """A bundle folder (or its bundle.json) as given, else the shipped bundle of that name (`seed_cnn`, ...):
+    shipped bundles are found by name wherever the package is installed."""
     path = Path(bundle)
+    shipped = bundled_models_dir() / path
+    if not path.exists() and len(path.parts) == 1 and (shipped / "bundle.json").is_file():
+        return shipped
+    return path
+
+
+def read_bundle_metadata(bundle: str | os.PathLike) -> dict:
+    path = find_bundle(bundle)
     meta_path = path / "bundle.json" if path.is_dir() else path
     try:
         metadata = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise BundleError(f"{meta_path}: no model bundle here (expected a folder with bundle.json)") from None
+        raise BundleError(f"{meta_path}: no model bundle here (expected a folder with bundle.json, or a shipped "
+                          f"bundle's name: {', '.join(shipped_bundle_names())})") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{meta_path}: unreadable bundle metadata ({e})") from None
     for key in ("classes", "input", "graph", "threshold"):
@@ -123,7 +138,7 @@ class Classifier:
                  neither: bool = True, tta: bool | None = None):
         import onnxruntime as ort
 
-        self.bundle = Path(bundle)
+        self.bundle = find_bundle(bundle)
         self.metadata = read_bundle_metadata(self.bundle)
         bundle_dir = self.bundle if self.bundle.is_dir() else self.bundle.parent
         graph = bundle_dir / self.metadata["graph"]["file"]
