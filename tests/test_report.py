@@ -11,7 +11,6 @@ import sys
 import pytest
 from conftest import ROOT, make_class_folder
 
-from catdogcnn.calibration import expected_calibration_error, fit_temperature, probabilities_from_logits
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
 from catdogcnn.report import evaluation_report, training_report
@@ -68,17 +67,3 @@ def test_training_report(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     path = training_report(run)
     assert (run / "curves.png").exists() and "curves.png" in path.read_text() and "epoch 3" in path.read_text()
-
-
-def test_temperature_fixes_an_overconfident_model():
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 2000)
-    honest = rng.normal(0, 1.5, 2000) + np.where(y == 1, 1.0, -1.0)  # a calibrated-ish logit
-    overconfident = 4 * honest[:, None]
-    t = fit_temperature(overconfident, y)
-    assert 2.5 < t < 6
-    before = expected_calibration_error(y, probabilities_from_logits(overconfident))
-    after = expected_calibration_error(y, probabilities_from_logits(overconfident / t))
-    assert after < before / 2

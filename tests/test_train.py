@@ -17,7 +17,7 @@ from conftest import make_class_folder
 from catdogcnn.data import ImageSet
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
-from catdogcnn.train import TrainConfig, choose_tta, load_checkpoint, predict_logits, train
+from catdogcnn.train import TrainConfig, choose_tta, load_checkpoint, logits_metrics, predict_logits, train
 
 FAST = {"epochs": 3, "batch_size": 16, "augment": "none", "threads": 2, "val_fraction": 0.2}
 
@@ -249,3 +249,9 @@ def test_small_resnet_learns(tmp_path):
     bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["architecture"] == "resnet_small" and meta["metrics"]["val_accuracy"] > 0.9
+
+
+def test_metrics_of_certain_answers_are_a_plain_zero_loss():
+    logits = torch.tensor([[40.0, -5.0, -5.0], [-5.0, 40.0, -5.0]])  # cross-entropy gives -0.0 here
+    metrics = logits_metrics(logits, np.array([0, 1]))
+    assert metrics["accuracy"] == 1 and f"{metrics['loss']:.4f}" == "0.0000"

@@ -28,7 +28,8 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)).mean())
+    # + 0.0 turns the -0.0 of an all-certain set into 0.0, which prints as "0.0000", not "-0.0000"
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)).mean()) + 0.0
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
