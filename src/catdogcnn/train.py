@@ -300,7 +300,7 @@ def predict_logits(model: nn.Module, normalize: nn.Module, images: np.ndarray, d
 
 def logits_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
     loss, correct = _loss_and_correct(logits, torch.from_numpy(np.asarray(labels)))
-    # float32 cross-entropy can round a hair below zero when every photo is certain ("-0.0000" in the log)
+    # cross-entropy gives -0.0 (or a hair below zero) when every photo is certain: "-0.0000" in the log
     return {"loss": max(0.0, float(loss) / len(labels)), "accuracy": int(correct) / len(labels)}
 
 
