@@ -38,6 +38,22 @@ def test_byte_dropout_keeps_the_right_share_and_the_mean():
             ByteDropout(p)
 
 
+def test_byte_dropout_on_a_channels_last_map_keeps_its_layout_and_share():
+    x = torch.ones(64, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    y = ByteDropout(0.25).train()(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert abs((y > 0).float().mean().item() - 0.75) < 0.01
+    assert torch.equal(y.unique(), torch.tensor([0.0, 4 / 3]))
+
+
+def test_byte_dropout_scales_bf16_maps_by_the_exact_factor():
+    x = torch.randn(64, 32, 14, 14).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    y = ByteDropout(0.25).train()(x)
+    kept = y != 0
+    # each kept value is x * 4/3 rounded once to bf16, not x times a bf16-rounded 4/3 (1.3359: 0.2% too much)
+    assert torch.equal(y[kept], (x.float() * (4 / 3)).to(torch.bfloat16)[kept])
+
+
 def test_registry_lists_every_architecture():
     known = {"seed_cnn", "resnet_small", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     assert known <= set(REGISTRY)

@@ -108,6 +108,18 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     assert epochs == [1, 2]
 
 
+def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_one_clear_error(tmp_path):
+    make_class_folder(tmp_path / "data", 20, seed=4)
+    config = TrainConfig(**{**FAST, "epochs": 1})
+    train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", export=False, show_progress=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    state["model"] = {f"old.{name}": value for name, value in state["model"].items()}  # as an older layout
+    torch.save(state, tmp_path / "run" / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt: its weights do not fit this version's seed_cnn model"):
+        train(tmp_path / "data", tmp_path / "run", TrainConfig(**{**FAST, "epochs": 2}), resume=True,
+              cache_dir=tmp_path / "cache", show_progress=False)
+
+
 def test_unwritable_run_folder_fails_before_training(tmp_path):
     make_class_folder(tmp_path / "data", 4)
     blocker = tmp_path / "file"

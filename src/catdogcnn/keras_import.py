@@ -18,6 +18,7 @@ from torch import nn
 
 from catdogcnn.export import export_bundle
 from catdogcnn.models.efficientnet_lite import SameConv2d
+from catdogcnn.models.seed_cnn import FlattenChannelsLast
 
 SUPPORTED = ("InputLayer", "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Activation", "ReLU")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "softmax": lambda: nn.Softmax(dim=1), "tanh": nn.Tanh,
@@ -26,13 +27,6 @@ ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "softmax": lambda: nn.Sof
 
 class KerasImportError(ValueError):
     """A Keras file that cannot be imported; the message is one line naming the file and the reason."""
-
-
-class FlattenChannelsLast(nn.Module):
-    """Keras flattens (H, W, C); flattening in that order lets the Dense weights be used as they are."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1).flatten(1)
 
 
 def _read(path: Path) -> tuple[dict, dict[str, list[np.ndarray]], str]:

@@ -449,7 +449,11 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     start_epoch, best_accuracy = 0, -1.0
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError:  # torch lists every mismatched tensor; one line says what it means
+            raise ValueError(f"{out_dir / 'last.pt'}: its weights do not fit this version's {config.model} model "
+                             "(saved by an older catdogcnn?); start a new run in another folder") from None
         if ema:
             ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])

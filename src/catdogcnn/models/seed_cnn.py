@@ -3,7 +3,8 @@
 Keras: Conv2D(32, 3x3, relu) MaxPool(2) Conv2D(32, 3x3, relu) MaxPool(2) Dropout(0.25) Flatten
 Dense(128, relu) Dropout(0.5) Dense(1, sigmoid). We pool before the ReLU: max-pooling and ReLU
 commute (both monotone), so the function is the same, and ReLU on the pooled map is 4x less work,
-which makes a CPU epoch about 1.5x faster.
+which makes a CPU epoch about 1.5x faster; in bf16 CPU training the two run as one C kernel (`fused_pool`).
+Like Keras, we flatten in (H, W, C) order, which is free on channels-last maps.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from catdogcnn.models import ModelSpec, num_outputs, register
+from catdogcnn.models import ModelSpec, fused_pool, num_outputs, register
 
 
 class ByteDropout(nn.Module):
@@ -36,21 +38,40 @@ class ByteDropout(nn.Module):
             return x
         n = x.numel()
         words = torch.empty(math.ceil(n / 8), dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
-        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.cut
-        return x * keep * (1 / (1 - self.p))
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        # A mask of x's dtype, laid out in memory as x is: a channels-last map times a contiguous boolean mask
+        # is 12x slower. The scale comes after the mask, so that 1 / (1 - p) is not rounded to bf16 first.
+        keep = words.view(torch.uint8).as_strided(x.shape, x.stride()) >= self.cut
+        return (x * keep.to(x.dtype)).mul_(1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
+class MaxPoolReLU(nn.Module):
+    """ReLU(2x2 max-pool(x)); in bf16 CPU training one C kernel does both (`fused_pool`: a 10-15% shorter step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and fused_pool.applies(x):
+            return fused_pool.max_pool_relu(x)
+        return F.max_pool2d(x, 2).relu()
+
+
+class FlattenChannelsLast(nn.Module):
+    """Flatten in (H, W, C) order, as Keras does: a free view of a channels-last map, and Keras's Dense weights fit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
 def build(num_classes: int, image_size: int = 64, dropout: float = 0.25, dense_dropout: float = 0.5) -> nn.Module:
     side = ((image_size - 2) // 2 - 2) // 2
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(32, 32, 3), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(3, 32, 3), MaxPoolReLU(),
+        nn.Conv2d(32, 32, 3), MaxPoolReLU(),
         ByteDropout(dropout),
-        # Keras flattens channels-last (H, W, C); the order only matters when importing Keras weights.
-        nn.Flatten(),
+        FlattenChannelsLast(),
         nn.Linear(32 * side * side, 128), nn.ReLU(),
         ByteDropout(dense_dropout),
         nn.Linear(128, num_outputs(num_classes)),

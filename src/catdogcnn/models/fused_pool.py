@@ -1,0 +1,115 @@
+"""2x2 max-pooling and ReLU in one pass, for training on bf16 channels-last CPU maps (a C kernel, `fused_pool.c`).
+
+Hand-written because torch's CPU max-pool keeps int64 indices as large as its input, and its backward
+zero-fills the whole input gradient and then scatters into it; this kernel keeps one byte per output and
+writes the input gradient in one pass: a seed-CNN training step is 10-15% shorter. Outputs and gradients equal
+those of `F.max_pool2d(x, 2).relu()` (ties: the first maximum in scan order gets the gradient; NaN: the last
+NaN; none where the output is 0).
+
+The C file is compiled on first use for this CPU (`-march=native`: without it the loops are not vectorized and
+the kernel is slower than torch's) into the cache folder, keyed by the source, the compiler and the CPU. Where
+no C compiler works, training says so once and uses torch's layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("catdogcnn")
+SOURCE = Path(__file__).with_suffix(".c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cpu_identity() -> str:
+    try:  # the instruction sets -march=native compiles for
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "|".join(next((line for line in lines if line.startswith(k)), "") for k in ("model name", "flags"))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: a concurrent or interrupted build never leaves half a library.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (said once, as a warning) where they cannot be built."""
+    from catdogcnn.data import default_cache_dir
+
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler (%s) for the fused max-pool kernel: training uses torch's layers, 10-15%% "
+                    "slower", os.environ.get("CC", "cc"))
+        return None
+    key = hashlib.sha256("|".join([SOURCE.read_text(), *FLAGS, compiler, _cpu_identity()]).encode()).hexdigest()
+    target = default_cache_dir() / "kernels" / f"fused_pool-{key[:16]}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))  # after torch is imported, so that its OpenMP runtime is the one shared
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        log.warning("the fused max-pool kernel could not be built (%s): training uses torch's layers, 10-15%% "
+                    "slower", detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
+        return None
+    signature = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
+    for function in (lib.max_pool_relu_forward, lib.max_pool_relu_backward):
+        function.argtypes, function.restype = signature, None
+    return lib
+
+
+def _nhwc_empty(n: int, c: int, h: int, w: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An (N, C, H, W) tensor laid out channels-last: (N, H, W, C) in memory."""
+    return torch.empty((n, h, w, c), dtype=dtype).permute(0, 3, 1, 2)
+
+
+class MaxPoolReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        out, index = _nhwc_empty(n, c, h // 2, w // 2), _nhwc_empty(n, c, h // 2, w // 2, torch.uint8)
+        library().max_pool_relu_forward(x.data_ptr(), out.data_ptr(), index.data_ptr(), n, h, w, c)
+        ctx.save_for_backward(index)
+        ctx.input_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (index,) = ctx.saved_tensors
+        grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        grad_in = _nhwc_empty(*ctx.input_shape)
+        n, c, h, w = ctx.input_shape
+        library().max_pool_relu_backward(grad_out.data_ptr(), index.data_ptr(), grad_in.data_ptr(), n, h, w, c)
+        return grad_in
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the kernel takes this map: bf16, channels-last, on the CPU, and the kernel could be built."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+
+
+def max_pool_relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU(2x2 max-pool(x)) of a map that `applies` takes, differentiable."""
+    return MaxPoolReLUFunction.apply(x)
