@@ -3,7 +3,10 @@
     python benchmarks/seed_cnn.py --data ../shared/data/cats_vs_dogs [--seeds 0 1 2] [--keras ../keras-venv/bin/python]
 
 With --keras, the seed's original Keras script (../shared/anchors/seed_keras.py) runs a few epochs in the
-same session, so the epoch-time ratio is measured side by side on the same machine and load.
+same session, so the epoch-time ratio is measured side by side on the same machine and load. Then
+--rounds alternating rounds (ours for --round-epochs epochs, then Keras for as many) give one ratio each:
+this machine's speed drifts by up to 20% over minutes, which a single pair of runs cannot tell from a
+difference between the two; the median of alternated rounds can.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from catdogcnn.predict import Classifier
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_run(data: Path, out: Path, seed: int, *flags: str) -> tuple[float, Path]:
+def train_run(data: Path, out: Path, seed: int, *flags: str, quiet: bool = False) -> tuple[float, Path]:
     """Train the seed CNN (the seed recipe, changed by `flags`) in a subprocess; (seconds, bundle)."""
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "catdogcnn", "train", str(data), "--model", "seed_cnn", "--out", str(out),
            "--seed", str(seed), *flags]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, capture_output=quiet)
     return time.perf_counter() - started, out / "bundle"
 
 
@@ -50,6 +53,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_seed_cnn")
     parser.add_argument("--keras", help="Python with tensorflow-cpu, to time the Keras original side by side")
     parser.add_argument("--keras-epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating speed rounds after the runs (with --keras)")
+    parser.add_argument("--round-epochs", type=int, default=4)
     args = parser.parse_args()
 
     rows = []
@@ -95,6 +100,20 @@ def main() -> None:
         ours = statistics.median(r["epoch_s"] for r in rows)
         print(f"Keras original, same machine, same session: {keras:.2f} s/epoch (median of {args.keras_epochs}); "
               f"ours {ours:.2f} s/epoch: {keras / ours:.1f}x faster")
+    if args.keras and args.rounds:
+        print(f"\nAlternating rounds, {args.round_epochs} epochs each (medians of their epochs):\n")
+        print("| round | ours s/epoch | Keras s/epoch | ratio |")
+        print("|---|---|---|---|")
+        ratios = []
+        for number in range(1, args.rounds + 1):
+            out = args.out / f"speed_round{number}"
+            train_run(args.data, out, 0, "--epochs", str(args.round_epochs), "--tta", "off", quiet=True)
+            ours = statistics.median(json.loads(line)["seconds"] for line in (out / "metrics.jsonl").open())
+            keras = keras_epoch_seconds(args.keras, args.data, args.round_epochs)
+            ratios.append(keras / ours)
+            print(f"| {number} | {ours:.2f} | {keras:.2f} | {keras / ours:.2f}x |", flush=True)
+        print(f"\nMedian ratio over {args.rounds} rounds: {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":
