@@ -29,6 +29,7 @@ import torch
 log = logging.getLogger("catdogcnn")
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FALLBACK = "training uses torch's layers, 10-15% slower"
 
 
 def _cpu_identity() -> str:
@@ -59,8 +60,7 @@ def library() -> ctypes.CDLL | None:
 
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        log.warning("no C compiler (%s) for the fused max-pool kernel: training uses torch's layers, 10-15%% "
-                    "slower", os.environ.get("CC", "cc"))
+        log.warning("no C compiler (%s) for the fused max-pool kernel: %s", os.environ.get("CC", "cc"), FALLBACK)
         return None
     key = hashlib.sha256("|".join([SOURCE.read_text(), *FLAGS, compiler, _cpu_identity()]).encode()).hexdigest()
     target = default_cache_dir() / "kernels" / f"fused_pool-{key[:16]}.so"
@@ -70,8 +70,8 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))  # after torch is imported, so that its OpenMP runtime is the one shared
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or str(error)
-        log.warning("the fused max-pool kernel could not be built (%s): training uses torch's layers, 10-15%% "
-                    "slower", detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
+        reason = detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__
+        log.warning("the fused max-pool kernel could not be built (%s): %s", reason, FALLBACK)
         return None
     signature = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
     for function in (lib.max_pool_relu_forward, lib.max_pool_relu_backward):
