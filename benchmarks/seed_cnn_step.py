@@ -3,7 +3,9 @@
     python benchmarks/seed_cnn_step.py [--threads 2] [--repeats 200]
 
 Shapes are the seed recipe's (batch 32, 64x64 RGB), in bf16 channels-last as the training loop runs them under
-autocast. The big matrix product gives the CPU's bf16 peak to compare the convolutions' throughput with.
+autocast. On a CPU with AVX-512 BF16 the step runs the fused convolution (conv1 + pool 1 + ReLU) instead of
+torch's conv1 and the fused pool after it; both are timed, the rows a step does not run marked. The big matrix
+product gives the CPU's bf16 peak to compare the convolutions' throughput with.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from catdogcnn.augment import augment_batch, parse_augment
-from catdogcnn.models import build_model
-from catdogcnn.models.fused_pool import MaxPoolReLUFunction
+from catdogcnn.models import build_model, fused_pool
+from catdogcnn.models.fused_pool import ConvMaxPoolReLUFunction, MaxPoolReLUFunction
 from catdogcnn.train import TrainConfig, _loss_and_correct, keep_freed_memory, make_optimizer
 
 BATCH = 32
@@ -64,15 +66,23 @@ def main() -> None:
     grad1, grad2 = torch.rand_like(pooled1), torch.rand_like(pooled2)
     contexts = {}  # the fused kernel's forward and backward called directly; a namespace stands in for autograd's
 
+    def context(key: object) -> SimpleNamespace:
+        space = contexts.setdefault(key, SimpleNamespace())
+        space.save_for_backward = lambda *saved: setattr(space, "saved_tensors", saved)
+        return space
+
     def fused_forward(x: torch.Tensor) -> torch.Tensor:
-        context = contexts.setdefault(x.shape, SimpleNamespace())
-        context.save_for_backward = lambda *saved: setattr(context, "saved_tensors", saved)
-        return MaxPoolReLUFunction.forward(context, x)
+        return MaxPoolReLUFunction.forward(context(x.shape), x)
 
     def fused_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return MaxPoolReLUFunction.backward(contexts[x.shape], grad)
 
     fused_forward(conv1), fused_forward(conv2)
+    # The fused convolution takes the fp32 photos, as the training step hands them over.
+    photos32, w1_32, b1_32 = x.float().contiguous(memory_format=cl), w1.float(), torch.zeros(32)
+    fused_conv = fused_pool.library() is not None and fused_pool.library().conv_pool_supported()
+    if fused_conv:
+        ConvMaxPoolReLUFunction.forward(context("conv"), photos32, w1_32, b1_32)
 
     def pool_backward(grad: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> Callable[[], object]:
         return lambda: torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1],
@@ -84,25 +94,37 @@ def main() -> None:
     macs1 = BATCH * 62 * 62 * 32 * 27
     macs2 = BATCH * 29 * 29 * 32 * 288
     rows = []
-    for name, fn, macs in [
-        ("conv1 forward", lambda: F.conv2d(x, w1), macs1),
+    # (name, work, multiply-adds, whether a training step runs it here)
+    layer1 = [
+        ("conv1 forward", lambda: F.conv2d(x, w1), macs1, not fused_conv),
         ("conv1 backward (weights only: the photos need no gradient)",
-         conv_backward(torch.rand_like(conv1), x, w1, input_grad=False), macs1),
-        ("max-pool 1 + ReLU forward (fused kernel, 62x62 -> 31x31)", lambda: fused_forward(conv1), 0),
-        ("max-pool 1 + ReLU backward (fused kernel)", lambda: fused_backward(conv1, grad1), 0),
-        ("torch's max-pool 1 forward, for comparison (int64 indices)", lambda: F.max_pool2d_with_indices(conv1, 2), 0),
+         conv_backward(torch.rand_like(conv1), x, w1, input_grad=False), macs1, not fused_conv),
+        ("max-pool 1 + ReLU forward (fused kernel, 62x62 -> 31x31)", lambda: fused_forward(conv1), 0, not fused_conv),
+        ("max-pool 1 + ReLU backward (fused kernel)", lambda: fused_backward(conv1, grad1), 0, not fused_conv),
+        ("torch's max-pool 1 forward, for comparison (int64 indices)", lambda: F.max_pool2d_with_indices(conv1, 2), 0,
+         False),
         ("torch's max-pool 1 backward, for comparison (zero-fill, then scatter)",
-         pool_backward(torch.rand_like(pooled1), conv1, index1), 0),
-        ("conv2 forward", lambda: F.conv2d(hidden1, w2), macs2),
+         pool_backward(torch.rand_like(pooled1), conv1, index1), 0, False),
+    ]
+    if fused_conv:
+        layer1 += [
+            ("conv1 + max-pool 1 + ReLU forward (fused convolution: fp32 photos -> bf16 31x31 map)",
+             lambda: ConvMaxPoolReLUFunction.forward(context("conv"), photos32, w1_32, b1_32), macs1, True),
+            ("conv1 + max-pool 1 + ReLU backward (fused convolution: weights and bias)",
+             lambda: ConvMaxPoolReLUFunction.backward(contexts["conv"], grad1), 0, True),
+        ]
+    for name, fn, macs, in_step in layer1 + [
+        ("conv2 forward", lambda: F.conv2d(hidden1, w2), macs2, True),
         ("conv2 backward (input and weights)", conv_backward(torch.rand_like(conv2), hidden1, w2, input_grad=True),
-         2 * macs2),
-        ("max-pool 2 + ReLU forward (fused kernel)", lambda: fused_forward(conv2), 0),
-        ("max-pool 2 + ReLU backward (fused kernel)", lambda: fused_backward(conv2, grad2), 0),
-        ("dense 6272 -> 128 forward", lambda: F.linear(flat, dense), BATCH * dense.numel()),
+         2 * macs2, True),
+        ("max-pool 2 + ReLU forward (fused kernel)", lambda: fused_forward(conv2), 0, True),
+        ("max-pool 2 + ReLU backward (fused kernel)", lambda: fused_backward(conv2, grad2), 0, True),
+        ("dense 6272 -> 128 forward", lambda: F.linear(flat, dense), BATCH * dense.numel(), True),
     ]:
         ms = milliseconds(fn, n)
-        rows.append((name, ms, gflops(macs, ms) if macs else ""))
-    heavy = sum(ms for name, ms, _ in rows if not name.startswith("torch's"))
+        rows.append((name if in_step else f"{name}, not in this CPU's step", ms, gflops(macs, ms) if macs else "",
+                     in_step))
+    heavy = sum(ms for _, ms, _, in_step in rows if in_step)
 
     # The whole step as the training loop runs it: augmentation, forward, loss, backward, Adam.
     torch.manual_seed(0)
@@ -132,9 +154,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}\n")
     print("| part | ms per batch | GFLOP/s |")
     print("|---|---|---|")
-    for name, ms, rate in rows:
+    for name, ms, rate, _ in rows:
         print(f"| {name} | {ms:.3f} | {rate} |")
-    print(f"| **the layers above** (not torch's pools: training runs the fused kernel) | **{heavy:.3f}** | |")
+    print(f"| **the layers a training step runs** (those not marked otherwise) | **{heavy:.3f}** | |")
     print(f"| augmentation of a batch (seed preset: flip, shear, zoom) | {augmentation:.3f} | |")
     print(f"| **whole training step** (augmentation, forward, loss, backward, Adam) | **{whole:.3f}** | |")
     print(f"| bf16 matrix product 2048x2048x2048 (this CPU's practical peak) | {peak:.3f} | "

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from catdogcnn.models import build_model, fused_pool
 from catdogcnn.models.fused_pool import max_pool_relu
@@ -98,3 +99,110 @@ def test_without_a_working_compiler_training_says_so_once_and_uses_torch_layers(
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "fused max-pool kernel" in warnings[0] and "torch's layers" in warnings[0]
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
+
+
+def _conv_supported() -> bool:
+    return fused_pool.library() is not None and bool(fused_pool.library().conv_pool_supported())
+
+
+needs_bf16_dot = pytest.mark.skipif(not _conv_supported(), reason="this CPU has no AVX-512 BF16 dot products "
+                                    "for the fused convolution (training uses torch's convolution there)")
+
+
+def _conv_case(n: int, h: int, w: int, filters: int, seed: int) -> tuple[torch.Tensor, nn.Conv2d]:
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(3, filters, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+        conv.bias.copy_(torch.randn(filters, generator=g) * 0.1)
+    return torch.rand(n, 3, h, w, generator=g), conv
+
+
+def _fused(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_pool.conv_applies(x, conv)
+        return fused_pool.conv_max_pool_relu(x, conv)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize(("n", "h", "w", "filters"), [(2, 64, 64, 32), (3, 11, 9, 16), (1, 4, 5, 48)])
+def test_fused_convolution_equals_the_exact_layers_on_bf16_inputs(n, h, w, filters):
+    """Against float64 on the same bf16-rounded photos and weights (the bias stays fp32): outputs to within bf16
+    rounding, gradients to within fp32 sums (torch's bf16 convolution backward is off by up to 3% on conv1's)."""
+    x, conv = _conv_case(n, h, w, filters, seed=h * w + filters)
+    ours = _fused(x, conv)
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=CL)
+    weight = conv.weight.detach().to(torch.bfloat16).double().requires_grad_()
+    bias = conv.bias.detach().double().requires_grad_()
+    exact = F.max_pool2d(F.conv2d(x.to(torch.bfloat16).double(), weight, bias), 2).relu()
+    assert ours.shape == exact.shape == (n, filters, (h - 2) // 2, (w - 2) // 2)
+    assert ((ours.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ours.backward(grad)
+    exact.backward(grad.double())
+    for mine, expected in [(conv.weight.grad, weight.grad), (conv.bias.grad, bias.grad)]:
+        assert mine.dtype == torch.float32
+        assert (mine.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@needs_bf16_dot
+def test_fused_convolution_reads_any_layout_and_its_gradient_does_not_depend_on_threads():
+    x, conv = _conv_case(6, 20, 20, 32, seed=3)
+    grad = torch.randn(6, 32, 9, 9, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    results = []
+    for layout, threads in [(torch.contiguous_format, 2), (CL, 2), (CL, 1)]:
+        conv.zero_grad()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = _fused(x.contiguous(memory_format=layout), conv)
+            out.backward(grad)
+        finally:
+            torch.set_num_threads(previous)
+        results.append((out, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@needs_bf16_dot
+def test_seed_cnn_trains_its_first_layers_through_the_fused_convolution():
+    torch.manual_seed(0)
+    model = build_model("seed_cnn", 2).to(memory_format=CL).train()
+    x = torch.rand(4, 3, 64, 64).contiguous(memory_format=CL)
+
+    def loss_and_gradients(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout draws
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x) if fused else model[2:](model[1](model[0](x)))
+        loss = logits.float().sum()
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    loss, gradients = loss_and_gradients(fused=True)
+    torch_loss, torch_gradients = loss_and_gradients(fused=False)
+    assert torch.allclose(loss, torch_loss, rtol=1e-2)
+    for ours, theirs in zip(gradients, torch_gradients, strict=True):  # torch's bf16 conv1 gradient is the rough one
+        assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(model(x).grad_fn).__name__ != "ConvMaxPoolReLUFunctionBackward"  # the model's last layer
+        assert type(fused_pool.conv_max_pool_relu(x, model[0]).grad_fn).__name__ == "ConvMaxPoolReLUFunctionBackward"
+
+
+def test_the_fused_convolution_is_left_out_where_it_does_not_apply(monkeypatch):
+    x, conv = _conv_case(2, 16, 16, 32, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_pool.conv_applies(x.requires_grad_(), conv)  # photos that need a gradient
+        x = x.detach()
+        assert not fused_pool.conv_applies(x.to(torch.bfloat16), conv)
+        assert not fused_pool.conv_applies(x, nn.Conv2d(3, 32, 3, padding=1))
+        assert not fused_pool.conv_applies(x, nn.Conv2d(3, 24, 3))  # not a multiple of 16 filters
+        assert not fused_pool.conv_applies(x, nn.Conv2d(3, 32, 3, bias=False))
+    assert not fused_pool.conv_applies(x, conv)  # no autocast: fp32 training
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not fused_pool.conv_applies(x, conv)
+    monkeypatch.setattr(fused_pool, "library", lambda: None)  # no compiler
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_pool.conv_applies(x, conv)
+        model = build_model("seed_cnn", 2).train()
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 1)

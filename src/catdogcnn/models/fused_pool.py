@@ -1,10 +1,18 @@
-"""2x2 max-pooling and ReLU in one pass, for training on bf16 channels-last CPU maps (a C kernel, `fused_pool.c`).
+"""2x2 max-pooling and ReLU in one pass, for training on bf16 channels-last CPU maps (C kernels, `fused_pool.c`),
+and on CPUs with AVX-512 BF16 dot products the seed CNN's first convolution fused in front of them.
 
 Hand-written because torch's CPU max-pool keeps int64 indices as large as its input, and its backward
 zero-fills the whole input gradient and then scatters into it; this kernel keeps one byte per output and
 writes the input gradient in one pass: a seed-CNN training step is 10-15% shorter. Outputs and gradients equal
 those of `F.max_pool2d(x, 2).relu()` (ties: the first maximum in scan order gets the gradient; NaN: the last
 NaN; none where the output is 0).
+
+The convolution in front: the first convolution's output map (32 x 62 x 62 per photo, 8 MB a batch) was written,
+read by the pool, and its gradient written and read again, four passes through memory that the machine's slow
+phases made 2-4x slower than the arithmetic; the fused kernel computes each pooling window's four sums in
+registers and keeps the byte index, and its backward builds the weight gradient from the pooled gradient alone.
+It rounds the photos and weights to bf16 as the convolution under autocast does, but compares the four sums
+before rounding them, so its outputs equal torch's to within bf16 rounding, not bit for bit.
 
 The C file is compiled on first use for this CPU (`-march=native`: without it the loops are not vectorized and
 the kernel is slower than torch's) into the cache folder, keyed by the source, the compiler and the CPU. Where
@@ -73,9 +81,14 @@ def library() -> ctypes.CDLL | None:
         reason = detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__
         log.warning("the fused max-pool kernel could not be built (%s): %s", reason, FALLBACK)
         return None
-    signature = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
+    pointer, size, stride = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     for function in (lib.max_pool_relu_forward, lib.max_pool_relu_backward):
-        function.argtypes, function.restype = signature, None
+        function.argtypes, function.restype = [pointer] * 3 + [size] * 4, None
+    lib.conv_pool_supported.argtypes, lib.conv_pool_supported.restype = [], ctypes.c_int
+    if lib.conv_pool_supported():
+        lib.conv_pool_forward.argtypes = [pointer] + [stride] * 4 + [pointer] * 5 + [size] * 4
+        lib.conv_pool_backward.argtypes = [pointer] * 4 + [size] * 4
+        lib.conv_pool_forward.restype = lib.conv_pool_backward.restype = None
     return lib
 
 
@@ -113,3 +126,51 @@ def applies(x: torch.Tensor) -> bool:
 def max_pool_relu(x: torch.Tensor) -> torch.Tensor:
     """ReLU(2x2 max-pool(x)) of a map that `applies` takes, differentiable."""
     return MaxPoolReLUFunction.apply(x)
+
+
+class ConvMaxPoolReLUFunction(torch.autograd.Function):
+    """ReLU(2x2 max-pool(conv3x3(x) + bias)) of fp32 RGB photos, in bf16 as under autocast; no gradient for x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        c = weight.shape[0]
+        planes = torch.empty((n, 3, h, w + 2), dtype=torch.bfloat16)  # the photos in bf16, for the backward pass
+        out, index = _nhwc_empty(n, c, (h - 2) // 2, (w - 2) // 2), _nhwc_empty(n, c, (h - 2) // 2, (w - 2) // 2,
+                                                                                  torch.uint8)
+        weight, bias = weight.detach().contiguous(), bias.detach().contiguous()
+        library().conv_pool_forward(x.data_ptr(), *x.stride(), weight.data_ptr(), bias.data_ptr(), planes.data_ptr(),
+                                    out.data_ptr(), index.data_ptr(), n, h, w, c)
+        ctx.save_for_backward(planes, index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor]:
+        planes, index = ctx.saved_tensors
+        n, _, h, padded = planes.shape
+        c = index.shape[1]
+        grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        partial = torch.empty((n, 28, c))  # per photo: [colour, kh, kw] x channel, then the bias's row
+        library().conv_pool_backward(planes.data_ptr(), grad_out.data_ptr(), index.data_ptr(), partial.data_ptr(),
+                                     n, h, padded - 2, c)
+        sums = partial.sum(0)  # over photos in a fixed order: the same bits whatever the thread count
+        return None, sums[:27].t().reshape(c, 3, 3, 3), sums[27]
+
+
+def conv_applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether the fused convolution takes this layer and input: an RGB 3x3 convolution (stride 1, no padding,
+    a bias, a multiple of 16 filters) of fp32 photos needing no gradient, under CPU bf16 autocast, on a CPU
+    with AVX-512 BF16."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] == 3
+            and min(x.shape[2:]) >= 4 and not x.requires_grad
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and conv.in_channels == 3 and conv.out_channels % 16 == 0 and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.bias is not None and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu"
+            and library() is not None and bool(library().conv_pool_supported()))
+
+
+def conv_max_pool_relu(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """ReLU(2x2 max-pool(conv(x))) for a layer and input that `conv_applies` takes, differentiable in the layer's
+    weight and bias; a bf16 channels-last map, as the three layers give under autocast."""
+    return ConvMaxPoolReLUFunction.apply(x, conv.weight, conv.bias)
