@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from catdogcnn.augment import PRESETS, AugmentConfig, _affine_grid, augment_batch, mix_batch, parse_augment
+from catdogcnn import kernels
+from catdogcnn.augment import PRESETS, AugmentConfig, _affine_grid, _warp_cpu, augment_batch, mix_batch, parse_augment
 
 # Each augmentation switched on alone, at a typical strength.
 SINGLE = {
@@ -83,6 +84,23 @@ def test_affine_grid_matches_torch():
     for height, width in [(64, 64), (24, 40), (1, 7)]:
         expected = F.affine_grid(theta, [5, 3, height, width], align_corners=False)
         torch.testing.assert_close(_affine_grid(theta, height, width), expected)
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler to build the CPU warp (grid_sample is used)")
+def test_cpu_warp_matches_grid_sample():
+    """Identity, mirror, shear, zoom in and out (past the border), crops and random maps; any input layout."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.cat([torch.tensor([[1.0, 0, 0, 0, 1, 0], [-1, 0, 0, 0, 1, 0], [1, 0.3, 0, 0, 1, 0],
+                                     [1.4, 0, 0, 0, 0.7, 0], [0.5, 0, 0.5, 0, 0.5, -0.4]]),
+                       torch.randn(11, 6, generator=g)]).view(16, 2, 3)
+    photos = torch.rand(16, 48, 40, 3, generator=g)  # stored (N, H, W, C), as the training batches are
+    for images in (photos.permute(0, 3, 1, 2), photos.permute(0, 3, 1, 2).contiguous()):
+        expected = F.grid_sample(images, F.affine_grid(theta, list(images.shape), align_corners=False),
+                                 mode="bilinear", padding_mode="border", align_corners=False)
+        ours = _warp_cpu(images, theta)
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_warp_cpu(images, theta[:1].expand(16, 2, 3)), images, rtol=0, atol=2e-6)
 
 
 def test_cutout_paints_a_grey_square():

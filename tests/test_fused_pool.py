@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import logging
 import shutil
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from catdogcnn import kernels
 from catdogcnn.models import build_model, fused_pool
 from catdogcnn.models.fused_pool import max_pool_relu
 
@@ -67,46 +67,8 @@ def test_seed_cnn_trains_through_the_fused_kernel_as_through_torch_layers():
         assert torch.equal(ours, expected)
 
 
-@pytest.fixture
-def rebuilt_library():
-    """`library()` is built once per process; these tests build it again under their own settings."""
-    fused_pool.library.cache_clear()
-    yield
-    fused_pool.library.cache_clear()
-
-
-def test_the_kernel_is_built_once_into_the_cache_and_reused(rebuilt_library, tmp_path, monkeypatch):
-    monkeypatch.setenv("CATDOGCNN_CACHE", str(tmp_path))
-    assert fused_pool.library() is not None
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # and no partial file left beside it
-    stamp = built[0].stat().st_mtime_ns
-    fused_pool.library.cache_clear()
-    assert fused_pool.library() is not None and built[0].stat().st_mtime_ns == stamp
-
-
-@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])  # absent; present but failing
-def test_without_a_working_compiler_training_says_so_once_and_uses_torch_layers(rebuilt_library, tmp_path,
-                                                                                 monkeypatch, caplog, compiler):
-    monkeypatch.setenv("CATDOGCNN_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", compiler)
-    layer = build_model("seed_cnn", 2)[1].train()
-    x = _map(2, 5, 8, 8, seed=0).requires_grad_()
-    with caplog.at_level(logging.WARNING, logger="catdogcnn"):
-        first, second = layer(x), layer(x)
-    assert torch.equal(first.nan_to_num(), F.max_pool2d(x, 2).relu().nan_to_num())
-    assert type(second.grad_fn).__name__ != "MaxPoolReLUFunctionBackward"
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "fused max-pool kernel" in warnings[0] and "torch's layers" in warnings[0]
-    assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
-
-
-def _conv_supported() -> bool:
-    return fused_pool.library() is not None and bool(fused_pool.library().conv_pool_supported())
-
-
-needs_bf16_dot = pytest.mark.skipif(not _conv_supported(), reason="this CPU has no AVX-512 BF16 dot products "
-                                    "for the fused convolution (training uses torch's convolution there)")
+needs_bf16_dot = pytest.mark.skipif(not kernels.conv_pool_supported(), reason="this CPU has no AVX-512 BF16 dot "
+                                    "products for the fused convolution (training uses torch's convolution there)")
 
 
 def _conv_case(n: int, h: int, w: int, filters: int, seed: int) -> tuple[torch.Tensor, nn.Conv2d]:
@@ -201,7 +163,7 @@ def test_the_fused_convolution_is_left_out_where_it_does_not_apply(monkeypatch):
     assert not fused_pool.conv_applies(x, conv)  # no autocast: fp32 training
     with torch.autocast("cpu", dtype=torch.float16):
         assert not fused_pool.conv_applies(x, conv)
-    monkeypatch.setattr(fused_pool, "library", lambda: None)  # no compiler
+    monkeypatch.setattr(kernels, "library", lambda: None)  # no compiler
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_pool.conv_applies(x, conv)
         model = build_model("seed_cnn", 2).train()

@@ -1,12 +1,12 @@
-/* 2x2 max-pooling then ReLU, forward and backward, on bf16 maps laid out (N, H, W, C), alone or after a 3x3
- * convolution of RGB photos: see fused_pool.py.
+/* catdogcnn's CPU kernels (built and loaded by kernels.py): 2x2 max-pooling then ReLU, forward and backward, on
+ * bf16 maps laid out (N, H, W, C), alone or after a 3x3 convolution of RGB photos (models/fused_pool.py); the
+ * augmentation's affine warp (augment.py).
  *
  * bf16 values are read as int16 bits and compared as integers: bf16 is sign and magnitude, so flipping the
  * magnitude bits of the negative ones gives integers in the order of the numbers. The loops are branch-free
  * so that the compiler vectorizes them over channels. Threads come from torch's OpenMP runtime, which this
  * library shares (it is loaded after torch, and the loader resolves libgomp.so.1 to torch's copy).
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -82,6 +82,8 @@ void max_pool_relu_backward(const int16_t *grad_out, const uint8_t *index, int16
  * photos must be finite (0 x inf is NaN). The full-size convolution map is never written, nor read back.
  */
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
 #define RGB 3
 #define PAIRS (RGB * 3 * 2) /* per output channel: (colour, kh, half) */
 #define PIXELS 2            /* pooled outputs done together: 8 independent sums hide the dot product's latency */
@@ -228,3 +230,50 @@ void conv_pool_backward(const uint16_t *planes, const uint16_t *grad_out, const 
 #else
 int conv_pool_supported(void) { return 0; }
 #endif
+
+/* Affine warp with bilinear sampling, as F.grid_sample(x, F.affine_grid(theta, size, align_corners=False),
+ * padding_mode="border", align_corners=False): theta[n] maps output coordinates in [-1, 1] to input ones.
+ * x: fp32 (N, C, H, W) with any strides (in elements); out: fp32 laid out (N, H, W, C). One pass, no grid;
+ * per row, where to sample is worked out for all pixels first (a loop the compiler vectorizes), then sampled. */
+void warp_affine_bilinear(const float *x, int64_t stride_n, int64_t stride_c, int64_t stride_h, int64_t stride_w,
+                          const float *theta, float *out, int n_images, int channels, int height, int width) {
+    #pragma omp parallel
+    {
+        int column[width], row[width];
+        float east[width], south[width];
+        #pragma omp for schedule(static) collapse(2)
+        for (int n = 0; n < n_images; n++)
+            for (int i = 0; i < height; i++) {
+                const float *t = theta + 6 * n, *image = x + n * stride_n;
+                const float y = (2.0f * i + 1) / height - 1;
+                const float row_x = t[1] * y + t[2], row_y = t[4] * y + t[5];
+                #pragma omp simd
+                for (int j = 0; j < width; j++) {
+                    const float xn = (2.0f * j + 1) / width - 1;
+                    /* input pixel coordinates, clamped to the border */
+                    float ix = ((t[0] * xn + row_x + 1) * width - 1) / 2, iy = ((t[3] * xn + row_y + 1) * height - 1) / 2;
+                    ix = ix > 0 ? ix : 0; /* not fminf: a libm call per pixel */
+                    ix = ix < width - 1 ? ix : width - 1;
+                    iy = iy > 0 ? iy : 0;
+                    iy = iy < height - 1 ? iy : height - 1;
+                    column[j] = (int)ix; /* floor: both are >= 0 */
+                    row[j] = (int)iy;
+                    east[j] = ix - column[j];
+                    south[j] = iy - row[j];
+                }
+                float *target = out + (((int64_t)n * height + i) * width) * channels;
+                for (int j = 0; j < width; j++) {
+                    const float nw = (1 - east[j]) * (1 - south[j]), ne = east[j] * (1 - south[j]);
+                    const float sw = (1 - east[j]) * south[j], se = east[j] * south[j];
+                    const int64_t left = column[j] * stride_w, top = row[j] * stride_h;
+                    const int64_t right = column[j] + 1 < width ? left + stride_w : left;
+                    const int64_t bottom = row[j] + 1 < height ? top + stride_h : top;
+                    const float *a = image + top + left, *b = image + top + right;
+                    const float *c = image + bottom + left, *d = image + bottom + right;
+                    for (int k = 0; k < channels; k++)
+                        target[(int64_t)j * channels + k] = a[k * stride_c] * nw + b[k * stride_c] * ne +
+                                                            c[k * stride_c] * sw + d[k * stride_c] * se;
+                }
+            }
+    }
+}
