@@ -15,12 +15,14 @@ import os
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
 
+from catdogcnn import kernels
 from catdogcnn.augment import augment_batch, parse_augment
-from catdogcnn.models import build_model, fused_pool
+from catdogcnn.models import build_model
 from catdogcnn.models.fused_pool import ConvMaxPoolReLUFunction, MaxPoolReLUFunction
 from catdogcnn.train import TrainConfig, _loss_and_correct, keep_freed_memory, make_optimizer
 
@@ -80,7 +82,7 @@ def main() -> None:
     fused_forward(conv1), fused_forward(conv2)
     # The fused convolution takes the fp32 photos, as the training step hands them over.
     photos32, w1_32, b1_32 = x.float().contiguous(memory_format=cl), w1.float(), torch.zeros(32)
-    fused_conv = fused_pool.library() is not None and fused_pool.library().conv_pool_supported()
+    fused_conv = kernels.conv_pool_supported()
     if fused_conv:
         ConvMaxPoolReLUFunction.forward(context("conv"), photos32, w1_32, b1_32)
 
@@ -137,6 +139,10 @@ def main() -> None:
     def batch() -> torch.Tensor:
         return augment_batch(photos.permute(0, 3, 1, 2).float().div_(255), augment, augment_rng)
 
+    def batch_grid_sample() -> torch.Tensor:  # the same, with torch's grid_sample instead of the C warp
+        with patch.object(kernels, "library", lambda: None):
+            return batch()
+
     def step() -> None:
         with torch.autocast("cpu", dtype=bf16):
             logits = model(batch().contiguous(memory_format=cl))
@@ -145,7 +151,7 @@ def main() -> None:
         (loss / BATCH).backward()
         optimizer.step()
 
-    augmentation = milliseconds(batch, n)
+    augmentation, augmentation_torch = milliseconds(batch, n), milliseconds(batch_grid_sample, n)
     whole = milliseconds(step, n)
     big = torch.rand(2048, 2048, generator=rand).to(bf16)
     peak = milliseconds(lambda: big @ big, 20)
@@ -157,7 +163,8 @@ def main() -> None:
     for name, ms, rate, _ in rows:
         print(f"| {name} | {ms:.3f} | {rate} |")
     print(f"| **the layers a training step runs** (those not marked otherwise) | **{heavy:.3f}** | |")
-    print(f"| augmentation of a batch (seed preset: flip, shear, zoom) | {augmentation:.3f} | |")
+    print(f"| augmentation of a batch (seed preset: flip, shear, zoom; the C warp) | {augmentation:.3f} | |")
+    print(f"| the same with F.grid_sample, for comparison | {augmentation_torch:.3f} | |")
     print(f"| **whole training step** (augmentation, forward, loss, backward, Adam) | **{whole:.3f}** | |")
     print(f"| bf16 matrix product 2048x2048x2048 (this CPU's practical peak) | {peak:.3f} | "
           f"{gflops(2048 ** 3, peak)} |")
