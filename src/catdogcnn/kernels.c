@@ -76,8 +76,9 @@ void max_pool_relu_backward(const int16_t *grad_out, const uint8_t *index, int16
 /* Convolution 3x3 of RGB photos, 2x2 max-pool and ReLU in one pass, on CPUs with AVX-512 BF16 dot products.
  *
  * The photos are rounded to bf16 into planes [n][rgb][h][width + 2] and the weights into pairs, as the bf16
- * convolution under autocast rounds them (the bias stays fp32); each sum is accumulated in fp32 (vdpbf16ps: two products per lane and
- * instruction), the four of a pooling window compared in fp32, and only the result rounded to bf16. A pair of
+ * convolution under autocast rounds them (the bias stays fp32); each sum is accumulated in fp32 (vdpbf16ps: two
+ * products per lane and instruction), the four of a pooling window compared in fp32, and only the result rounded
+ * to bf16. A pair of
  * weights spans kw 0-1 or kw 2 and a 0 ("kw 3"), whose pixel is a real one or the planes' zero padding:
  * photos must be finite (0 x inf is NaN). The full-size convolution map is never written, nor read back.
  */
@@ -247,11 +248,12 @@ void warp_affine_bilinear(const float *x, int64_t stride_n, int64_t stride_c, in
                 const float *t = theta + 6 * n, *image = x + n * stride_n;
                 const float y = (2.0f * i + 1) / height - 1;
                 const float row_x = t[1] * y + t[2], row_y = t[4] * y + t[5];
-                #pragma omp simd
+                #pragma omp simd /* without it gcc leaves the clamps below as branches and the loop scalar */
                 for (int j = 0; j < width; j++) {
                     const float xn = (2.0f * j + 1) / width - 1;
                     /* input pixel coordinates, clamped to the border */
-                    float ix = ((t[0] * xn + row_x + 1) * width - 1) / 2, iy = ((t[3] * xn + row_y + 1) * height - 1) / 2;
+                    float ix = ((t[0] * xn + row_x + 1) * width - 1) / 2;
+                    float iy = ((t[3] * xn + row_y + 1) * height - 1) / 2;
                     ix = ix > 0 ? ix : 0; /* not fminf: a libm call per pixel */
                     ix = ix < width - 1 ? ix : width - 1;
                     iy = iy > 0 ? iy : 0;
