@@ -71,8 +71,8 @@ class ConvMaxPoolReLUFunction(torch.autograd.Function):
         n, _, h, w = x.shape
         c = weight.shape[0]
         planes = torch.empty((n, 3, h, w + 2), dtype=torch.bfloat16)  # the photos in bf16, for the backward pass
-        out, index = _nhwc_empty(n, c, (h - 2) // 2, (w - 2) // 2), _nhwc_empty(n, c, (h - 2) // 2, (w - 2) // 2,
-                                                                                  torch.uint8)
+        pooled = (n, c, (h - 2) // 2, (w - 2) // 2)
+        out, index = _nhwc_empty(*pooled), _nhwc_empty(*pooled, torch.uint8)
         weight, bias = weight.detach().contiguous(), bias.detach().contiguous()
         kernels.library().conv_pool_forward(x.data_ptr(), *x.stride(), weight.data_ptr(), bias.data_ptr(),
                                             planes.data_ptr(), out.data_ptr(), index.data_ptr(), n, h, w, c)
