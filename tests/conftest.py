@@ -118,3 +118,13 @@ def non_pet_photos(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("non_pets")
     write_non_pet_photos(folder)
     return folder
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (the GPU tests run there and skip, saying so, on CPU-only machines)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+NO_CUDA = "no CUDA device: the GPU path is checked on a machine that has one"

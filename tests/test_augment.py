@@ -5,6 +5,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NO_CUDA, cuda_available
 
 from catdogcnn import kernels
 from catdogcnn.augment import PRESETS, AugmentConfig, _affine_grid, _warp_cpu, augment_batch, mix_batch, parse_augment
@@ -34,9 +35,9 @@ def labels() -> torch.Tensor:
     return torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]).float()
 
 
-def apply(config: AugmentConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def apply(config: AugmentConfig, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return mix_batch(augment_batch(batch(), config, generator), labels(), config, generator)
+    return mix_batch(augment_batch(batch().to(device), config, generator), labels().to(device), config, generator)
 
 
 def test_every_field_is_tested():
@@ -130,3 +131,14 @@ def test_parse_augment():
     for bad in ("fancy", "seed,colour=1", "seed,cutout", "seed,cutout=big", "seed,crop_area=0", "seed,zoom=-1"):
         with pytest.raises(ValueError):
             parse_augment(bad)
+
+
+@pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_gpu_batch_is_augmented_as_on_the_cpu(name):
+    """The random draws stay on the CPU generator, so a seed gives the same augmentation on either device."""
+    cpu_images, cpu_labels = apply(CONFIGS[name], 0)
+    gpu_images, gpu_labels = apply(CONFIGS[name], 0, "cuda")
+    assert gpu_images.device.type == "cuda"
+    torch.testing.assert_close(gpu_images.cpu(), cpu_images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gpu_labels.cpu(), cpu_labels)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import NO_CUDA, cuda_available
 
 from catdogcnn.models import REGISTRY, build_model, logits_to_probabilities
 from catdogcnn.models.efficientnet_lite import (
@@ -118,3 +119,29 @@ def test_imagenet_head_tells_cats_from_dogs(real_data):
     dog_vs_cat = p[:, list(IMAGENET_DOGS)].sum(1) > p[:, list(IMAGENET_CATS)].sum(1)
     accuracy = (dog_vs_cat.numpy() == np.array([s.label for s in samples])).mean()
     assert accuracy >= 0.85, accuracy
+
+
+@pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("name", ["seed_cnn", "resnet_small", "efficientnet_lite0"])
+def test_every_architecture_computes_on_the_gpu_as_on_the_cpu(name, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions round to 10-bit mantissas
+    torch.manual_seed(0)
+    options = {"pretrained": False} if name.startswith("efficientnet") else {}
+    model = build_model(name, 2, **options).eval()
+    x = torch.rand(4, 3, REGISTRY[name].image_size, REGISTRY[name].image_size)
+    expected = model(x)
+    got = model.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
+def test_byte_dropout_on_the_gpu_keeps_the_right_share_and_repeats_under_a_seed():
+    x = torch.ones(64, 32, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+    layer = ByteDropout(0.25).train()
+    torch.manual_seed(0)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert abs((y > 0).float().mean().item() - 0.75) < 0.01
+    assert torch.equal(y.unique().cpu(), torch.tensor([0.0, 4 / 3]))
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), y)

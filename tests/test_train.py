@@ -7,12 +7,13 @@ import platform
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_class_folder
+from conftest import NO_CUDA, cuda_available, make_class_folder
 
 from catdogcnn.data import ImageSet
 from catdogcnn.evaluate import evaluate
@@ -106,6 +107,26 @@ def test_resume_continues_to_the_same_weights(tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+@pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
+def test_training_on_the_gpu_learns_repeats_and_resumes(tmp_path):
+    """The GPU path (bf16 autocast, cuDNN, the GPU's random draws for dropout) keeps the CPU's promises."""
+    make_class_folder(tmp_path / "data" / "training_set", 100, seed=1)
+    make_class_folder(tmp_path / "data" / "test_set", 40, seed=2)
+    full = TrainConfig(**{**FAST, "augment": "seed", "device": "cuda"})
+    runs = {}
+    for run, config, resume in (("a", full, False), ("b", full, False),
+                                ("split", TrainConfig(**{**asdict(full), "epochs": 1}), False), ("split", full, True)):
+        runs[run] = train(tmp_path / "data", tmp_path / run, config, resume=resume, cache_dir=tmp_path / "cache",
+                          show_progress=False)
+    assert evaluate(tmp_path / "data", Classifier(runs["a"]))["accuracy"] > 0.9
+    meta = json.loads((runs["a"] / "bundle.json").read_text())
+    assert meta["export"]["parity_max_abs_diff"] < 1e-4
+    a, b, split = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("a", "b", "split"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # seeded runs repeat on the GPU too
+        assert torch.allclose(a[name], split[name], atol=1e-6), name  # a resumed run ends where a straight one does
 
 
 def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_one_clear_error(tmp_path):

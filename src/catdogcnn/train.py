@@ -422,6 +422,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     device = pick_device(config.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":  # seeded runs repeat: cuDNN's deterministic algorithms, none chosen by timing
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if config.threads or device.type == "cpu":  # processes on one machine share its cores
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local))
@@ -458,6 +460,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
             ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
+        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:  # dropout draws on the GPU
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         augment_rng.set_state(checkpoint["augment_rng"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, best_accuracy = checkpoint["epoch"], checkpoint["best_accuracy"]
@@ -467,6 +471,7 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     def state(epoch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "best_accuracy": best_accuracy, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "augment_rng": augment_rng.get_state(), "scheduler": scheduler.state_dict(),
                 "ema": ema.state_dict() if ema else None, "config": asdict(config), "classes": classes}
 
