@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from catdogcnn.data import Sample
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
+from catdogcnn.train import TrainConfig, unused_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +36,13 @@ def train_run(data: Path, out: Path, seed: int, *flags: str, quiet: bool = False
            "--seed", str(seed), *flags]
     subprocess.run(cmd, check=True, capture_output=quiet)
     return time.perf_counter() - started, out / "bundle"
+
+
+def accuracy_on(classifier: Classifier, samples: list[Sample]) -> float:
+    """Share of `samples` (labelled in the bundle's class order) answered right; a photo that fails counts wrong."""
+    answers = classifier.predict_many([s.path for s in samples])
+    return sum(a.ok and a.label == classifier.classes[s.label] for s, a in zip(samples, answers, strict=True)) / len(
+        samples)
 
 
 def keras_epoch_seconds(python: str, data: Path, epochs: int) -> float:
@@ -69,11 +78,15 @@ def main() -> None:
         test_one_view = evaluate(args.data, Classifier(bundle, tta=False))
         train = evaluate(args.data / "training_set", Classifier(bundle))
         meta = json.loads((bundle / "bundle.json").read_text())
+        # The half of extra_set this run neither trained nor validated on: 5,000 more photos to judge a recipe by.
+        unused = unused_extra(args.data, TrainConfig.from_dict(meta["training"]["config"]))
+        extra = ({"extra": accuracy_on(Classifier(bundle), unused),
+                  "extra_one_view": accuracy_on(Classifier(bundle, tta=False), unused)} if unused else {})
         rows.append({"seed": seed, "train": train["accuracy"], "test": test["accuracy"], "test_06": test_06["accuracy"],
                      "one_view": test_one_view["accuracy"], "tta": meta.get("tta", False),
                      "log_loss": test["log_loss"], "epoch_s": statistics.median(r["seconds"] for r in records),
                      "img_s": statistics.median(r["images_per_second"] for r in records), "total_s": total,
-                     "epoch": meta["training"]["epoch"]})
+                     "epoch": meta["training"]["epoch"], "n_extra": len(unused), **extra})
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     recipe = (f"recipe {args.config}: " + json.dumps({k: v for k, v in json.loads(args.config.read_text()).items()
@@ -83,17 +96,24 @@ def main() -> None:
     print(f"\n{recipe}{f', {args.epochs} epochs' if args.epochs else ''} on {args.data}; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end\n")
     print("| seed | train acc | test acc @0.5 | test acc @0.6 | test log loss | mirror averaging (validation's "
-          "choice) | test acc @0.5, one view | s/epoch (median) | images/s | total s | exported epoch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "choice) | test acc @0.5, one view | unused extra_set acc (one view) | s/epoch (median) | images/s | "
+          "total s | exported epoch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        extra = f"{r['extra']:.2%} ({r['extra_one_view']:.2%})" if r["n_extra"] else "n/a"
         print(f"| {r['seed']} | {r['train']:.2%} | {r['test']:.2%} | {r['test_06']:.2%} | {r['log_loss']:.4f} | "
-              f"{'yes' if r['tta'] else 'no'} | {r['one_view']:.2%} | {r['epoch_s']:.2f} | {r['img_s']:.0f} | "
-              f"{r['total_s']:.0f} | {r['epoch']} |")
+              f"{'yes' if r['tta'] else 'no'} | {r['one_view']:.2%} | {extra} | {r['epoch_s']:.2f} | "
+              f"{r['img_s']:.0f} | {r['total_s']:.0f} | {r['epoch']} |")
     if len(rows) > 1:
-        for key, what in (("test", "the bundles as they predict"), ("one_view", "one view only")):
-            tests = [r[key] for r in rows]
-            print(f"\nTest accuracy over {len(rows)} seeds, {what}: mean {statistics.mean(tests):.2%}, "
-                  f"min {min(tests):.2%}, max {max(tests):.2%}")
+        for key, what in (("test", "test accuracy, the bundles as they predict"), ("one_view", "test accuracy, "
+                          "one view only"), ("extra", "accuracy on the unused half of extra_set (photos per run: "
+                          f"{rows[0]['n_extra']}), the bundles as they predict"), ("extra_one_view", "the same, "
+                          "one view only")):
+            if key not in rows[0]:
+                continue
+            values = [r[key] for r in rows]
+            print(f"\nOver {len(rows)} seeds, {what}: mean {statistics.mean(values):.2%}, "
+                  f"min {min(values):.2%}, max {max(values):.2%}")
     print(f"\nPeak memory of a training process: {peak_mb:.0f} MB")
     if args.keras:
         keras = keras_epoch_seconds(args.keras, args.data, args.keras_epochs)

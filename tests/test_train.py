@@ -18,7 +18,16 @@ from conftest import NO_CUDA, cuda_available, make_class_folder
 from catdogcnn.data import ImageSet
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
-from catdogcnn.train import TrainConfig, choose_tta, load_checkpoint, logits_metrics, predict_logits, train
+from catdogcnn.train import (
+    TrainConfig,
+    choose_tta,
+    load_checkpoint,
+    logits_metrics,
+    predict_logits,
+    prepare_data,
+    train,
+    unused_extra,
+)
 
 FAST = {"epochs": 3, "batch_size": 16, "augment": "none", "threads": 2, "val_fraction": 0.2}
 
@@ -82,6 +91,20 @@ def test_tta_is_chosen_on_validation_photos():
     assert not auto["used"]
     assert choose_tta(model, identity, val, logits, "on")["used"]
     assert choose_tta(model, identity, val, logits, "off") == {"setting": "off", "used": False}
+
+
+def test_unused_extra_is_the_part_of_extra_set_no_run_sees(tmp_path):
+    for split, per_class, seed in (("training_set", 10, 1), ("test_set", 4, 2), ("extra_set", 12, 3)):
+        make_class_folder(tmp_path / split, per_class, seed=seed)
+    config = TrainConfig(seed=5)
+    data = prepare_data(tmp_path, config, 32, "bilinear", cache_dir=tmp_path / "cache")
+    unused = unused_extra(tmp_path, config)
+    paths = {s.path for s in unused}
+    assert len(paths) == 12 and {s.label for s in unused} == {0, 1}
+    assert not paths & set(data.train.paths) and not paths & set(data.val.paths)
+    assert paths | set(data.val.paths) == set((tmp_path / "extra_set").rglob("*.jpg"))
+    assert unused_extra(tmp_path, TrainConfig(seed=5, extra="train")) == []  # the rest trains there
+    assert unused_extra(tmp_path / "extra_set", config) == []  # a plain class folder has no extra_set
 
 
 def test_same_seed_same_model(tmp_path):

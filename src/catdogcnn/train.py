@@ -218,9 +218,7 @@ def prepare_data(root: Path, config: TrainConfig, image_size: int, resize: str,
     _, train_samples = D.scan_folder(splits["train"], classes)
     if "extra" in splits and config.extra != "none":
         # Validation: a stratified sample of extra_set; with extra="train" the rest of extra_set trains too.
-        _, extra_samples = D.scan_folder(splits["extra"], classes)
-        rest, val_samples = D.stratified_split(extra_samples, min(config.val_max, len(extra_samples) // 2),
-                                               config.seed, splits["extra"])
+        rest, val_samples = _split_extra(splits["extra"], classes, config)
         if config.extra == "train":
             train_samples += rest
     else:
@@ -248,6 +246,21 @@ def prepare_data(root: Path, config: TrainConfig, image_size: int, resize: str,
                "val": val.summary(), "extra_set": config.extra if "extra" in splits else "absent",
                "left_out_test_duplicates": dropped}
     return TrainingData(train, val, summary)
+
+
+def _split_extra(folder: Path, classes: list[str], config: TrainConfig) -> tuple[list[D.Sample], list[D.Sample]]:
+    """extra_set as (the rest, the validation photos): a seeded, stratified sample of up to half of it validates."""
+    _, samples = D.scan_folder(folder, classes)
+    return D.stratified_split(samples, min(config.val_max, len(samples) // 2), config.seed, folder)
+
+
+def unused_extra(root: Path, config: TrainConfig) -> list[D.Sample]:
+    """The `extra_set` photos a run with `config` neither trains nor validates on (half of it by default): photos
+    no such run has seen, to compare recipes on without touching `test_set`. Empty without an extra_set."""
+    splits = D.resolve_splits(Path(root))
+    if "extra" not in splits or config.extra != "val":
+        return []
+    return _split_extra(splits["extra"], D.list_classes(splits["train"]), config)[0]
 
 
 def _batch(images: np.ndarray, index: np.ndarray, device: torch.device) -> torch.Tensor:
