@@ -3,9 +3,10 @@
     python benchmarks/accuracy.py --data ../shared/data/cats_vs_dogs \\
         [--bundle NAME=PATH ...] [--tta NAME ...]
 
-Default rows: the shipped models (models/seed_cnn, models/default, models/default-float). Training time
-and parameters come from each bundle's JSON (measured when it was trained); latency is measured here,
-one photo file to label, median of 50 calls. `--tta NAME` adds a row with flip test-time augmentation for that bundle.
+Default rows: the shipped models (models/seed_cnn, models/default, models/default-float), each as it predicts
+(averaged with the mirror image where its training chose that on validation photos). Training time and
+parameters come from each bundle's JSON (measured when it was trained); latency is measured here, one photo
+file to label, median of 50 calls. `--tta NAME` adds a row with flip test-time augmentation for that bundle.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
     photos = [s.path for s in samples[:: len(samples) // 10]]
 
     rows = []
-    runs = [(name, Path(path), False) for name, path in bundles.items()]
+    runs = [(name, Path(path), None) for name, path in bundles.items()]  # None: the bundle's own choice
     runs += [(name, Path(bundles[name]), True) for name in args.tta]
     for name, path, tta in runs:
         clf = Classifier(path, tta=tta)
@@ -68,7 +69,8 @@ def main() -> None:
         config = training.get("config", {})
         neither = result["neither"] or {}
         rows.append([
-            name + (" + flip TTA" if tta else ""), config.get("model", clf.metadata.get("architecture", "?")),
+            name + (" + flip TTA" if tta else " (mirror-averaged)" if clf.tta else ""),
+            config.get("model", clf.metadata.get("architecture", "?")),
             f"{config.get('recipe', 'full')}, {clf.image_size} px", f"{result['accuracy']:.2%}",
             f"{result['log_loss']:.4f}", f"{result['roc_auc']:.4f}",
             f"{neither['pets_flagged']:.2%}" if neither else "n/a",
