@@ -4,8 +4,9 @@
 
 Shapes are the seed recipe's (batch 32, 64x64 RGB), in bf16 channels-last as the training loop runs them under
 autocast. On a CPU with AVX-512 BF16 the step runs the fused convolution (conv1 + pool 1 + ReLU) instead of
-torch's conv1 and the fused pool after it; both are timed, the rows a step does not run marked. The big matrix
-product gives the CPU's bf16 peak to compare the convolutions' throughput with.
+torch's conv1 and the fused pool after it; both are timed, the rows a step does not run marked. Without a C
+compiler (no `kernels.c` library) the step runs torch's pools and grid_sample, and so do these rows. The big
+matrix product gives the CPU's bf16 peak to compare the convolutions' throughput with.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main() -> None:
     def fused_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return MaxPoolReLUFunction.backward(contexts[x.shape], grad)
 
-    fused_forward(conv1), fused_forward(conv2)
+    have_kernels = kernels.library() is not None
+    if have_kernels:
+        fused_forward(conv1), fused_forward(conv2)
     # The fused convolution takes the fp32 photos, as the training step hands them over.
     photos32, w1_32, b1_32 = x.float().contiguous(memory_format=cl), w1.float(), torch.zeros(32)
     fused_conv = kernels.conv_pool_supported()
@@ -89,6 +92,18 @@ def main() -> None:
     def pool_backward(grad: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> Callable[[], object]:
         return lambda: torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1],
                                                                        False, index)
+
+    def pool_rows(number: int, conv: torch.Tensor, index: torch.Tensor, grad: torch.Tensor,
+                  in_step: bool) -> list[tuple]:
+        size = f"{conv.shape[2]}x{conv.shape[3]} -> {grad.shape[2]}x{grad.shape[3]}"
+        if have_kernels:
+            return [(f"max-pool {number} + ReLU forward (fused kernel, {size})", lambda: fused_forward(conv), 0,
+                     in_step),
+                    (f"max-pool {number} + ReLU backward (fused kernel)", lambda: fused_backward(conv, grad), 0,
+                     in_step)]
+        return [(f"max-pool {number} + ReLU forward (torch's: no C compiler, {size})",
+                 lambda: F.max_pool2d(conv, 2).relu(), 0, in_step),
+                (f"max-pool {number} backward (torch's)", pool_backward(grad, conv, index), 0, in_step)]
 
     def gflops(macs: int, ms: float) -> str:
         return f"{2 * macs / ms / 1e6:.0f}"
@@ -101,13 +116,15 @@ def main() -> None:
         ("conv1 forward", lambda: F.conv2d(x, w1), macs1, not fused_conv),
         ("conv1 backward (weights only: the photos need no gradient)",
          conv_backward(torch.rand_like(conv1), x, w1, input_grad=False), macs1, not fused_conv),
-        ("max-pool 1 + ReLU forward (fused kernel, 62x62 -> 31x31)", lambda: fused_forward(conv1), 0, not fused_conv),
-        ("max-pool 1 + ReLU backward (fused kernel)", lambda: fused_backward(conv1, grad1), 0, not fused_conv),
-        ("torch's max-pool 1 forward, for comparison (int64 indices)", lambda: F.max_pool2d_with_indices(conv1, 2), 0,
-         False),
-        ("torch's max-pool 1 backward, for comparison (zero-fill, then scatter)",
-         pool_backward(torch.rand_like(pooled1), conv1, index1), 0, False),
+        *pool_rows(1, conv1, index1, grad1, not fused_conv),
     ]
+    if have_kernels:
+        layer1 += [
+            ("torch's max-pool 1 forward, for comparison (int64 indices)",
+             lambda: F.max_pool2d_with_indices(conv1, 2), 0, False),
+            ("torch's max-pool 1 backward, for comparison (zero-fill, then scatter)",
+             pool_backward(grad1, conv1, index1), 0, False),
+        ]
     if fused_conv:
         layer1 += [
             ("conv1 + max-pool 1 + ReLU forward (fused convolution: fp32 photos -> bf16 31x31 map)",
@@ -119,8 +136,7 @@ def main() -> None:
         ("conv2 forward", lambda: F.conv2d(hidden1, w2), macs2, True),
         ("conv2 backward (input and weights)", conv_backward(torch.rand_like(conv2), hidden1, w2, input_grad=True),
          2 * macs2, True),
-        ("max-pool 2 + ReLU forward (fused kernel)", lambda: fused_forward(conv2), 0, True),
-        ("max-pool 2 + ReLU backward (fused kernel)", lambda: fused_backward(conv2, grad2), 0, True),
+        *pool_rows(2, conv2, index2, grad2, True),
         ("dense 6272 -> 128 forward", lambda: F.linear(flat, dense), BATCH * dense.numel(), True),
     ]:
         ms = milliseconds(fn, n)
@@ -151,7 +167,8 @@ def main() -> None:
         (loss / BATCH).backward()
         optimizer.step()
 
-    augmentation, augmentation_torch = milliseconds(batch, n), milliseconds(batch_grid_sample, n)
+    augmentation = milliseconds(batch, n)
+    augmentation_torch = milliseconds(batch_grid_sample, n) if have_kernels else None
     whole = milliseconds(step, n)
     big = torch.rand(2048, 2048, generator=rand).to(bf16)
     peak = milliseconds(lambda: big @ big, 20)
@@ -163,8 +180,10 @@ def main() -> None:
     for name, ms, rate, _ in rows:
         print(f"| {name} | {ms:.3f} | {rate} |")
     print(f"| **the layers a training step runs** (those not marked otherwise) | **{heavy:.3f}** | |")
-    print(f"| augmentation of a batch (seed preset: flip, shear, zoom; the C warp) | {augmentation:.3f} | |")
-    print(f"| the same with F.grid_sample, for comparison | {augmentation_torch:.3f} | |")
+    warp = "the C warp" if have_kernels else "F.grid_sample: no C compiler"
+    print(f"| augmentation of a batch (seed preset: flip, shear, zoom; {warp}) | {augmentation:.3f} | |")
+    if have_kernels:
+        print(f"| the same with F.grid_sample, for comparison | {augmentation_torch:.3f} | |")
     print(f"| **whole training step** (augmentation, forward, loss, backward, Adam) | **{whole:.3f}** | |")
     print(f"| bf16 matrix product 2048x2048x2048 (this CPU's practical peak) | {peak:.3f} | "
           f"{gflops(2048 ** 3, peak)} |")
