@@ -39,10 +39,14 @@ def train_run(data: Path, out: Path, seed: int, *flags: str, quiet: bool = False
 
 
 def accuracy_on(classifier: Classifier, samples: list[Sample]) -> float:
-    """Share of `samples` (labelled in the bundle's class order) answered right; a photo that fails counts wrong."""
-    answers = classifier.predict_many([s.path for s in samples])
-    return sum(a.ok and a.label == classifier.classes[s.label] for s, a in zip(samples, answers, strict=True)) / len(
-        samples)
+    """Share of `samples` (labelled in the bundle's class order) answered right; a photo that fails is reported
+    and counts as wrong."""
+    right = 0
+    for sample, answer in zip(samples, classifier.predict_many([s.path for s in samples]), strict=True):
+        if not answer.ok:
+            print(f"error: {answer.error}", file=sys.stderr)  # the error names the file
+        right += answer.ok and answer.label == classifier.classes[sample.label]
+    return right / len(samples)
 
 
 def keras_epoch_seconds(python: str, data: Path, epochs: int) -> float:
@@ -105,10 +109,11 @@ def main() -> None:
               f"{'yes' if r['tta'] else 'no'} | {r['one_view']:.2%} | {extra} | {r['epoch_s']:.2f} | "
               f"{r['img_s']:.0f} | {r['total_s']:.0f} | {r['epoch']} |")
     if len(rows) > 1:
-        for key, what in (("test", "test accuracy, the bundles as they predict"), ("one_view", "test accuracy, "
-                          "one view only"), ("extra", "accuracy on the unused half of extra_set (photos per run: "
-                          f"{rows[0]['n_extra']}), the bundles as they predict"), ("extra_one_view", "the same, "
-                          "one view only")):
+        summaries = {"test": "test accuracy, the bundles as they predict", "one_view": "test accuracy, one view only",
+                     "extra": f"accuracy on the unused half of extra_set ({rows[0]['n_extra']} photos a run), the "
+                              "bundles as they predict",
+                     "extra_one_view": "the same, one view only"}
+        for key, what in summaries.items():
             if key not in rows[0]:
                 continue
             values = [r[key] for r in rows]
