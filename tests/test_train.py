@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import NO_CUDA, cuda_available, make_class_folder
+from torch import nn
 
 from catdogcnn.data import ImageSet
 from catdogcnn.evaluate import evaluate
@@ -256,6 +257,44 @@ def test_backbone_gets_its_own_learning_rate():
     groups = make_optimizer(model, TrainConfig(lr=1e-3, backbone_lr_scale=0.1, optimizer="adamw")).param_groups
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_steps_as_keras_does(optimizer):
+    """Keras's Adam update (keras/src/optimizers/adam.py, the seed's optimizer) written out in numpy: epsilon is
+    added to sqrt(v) before the bias correction. Gradients near epsilon's size, where the two forms differ most;
+    the optimizer is saved and reloaded midway, as --resume does."""
+    from catdogcnn.train import make_optimizer
+
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=5) * scale for scale in (1e-6, 1e-7, 3e-6, 1e-7, 2e-7, 1e-6)]
+    lr, beta1, beta2, eps = 1e-3, 0.9, 0.999, 1e-7
+    w, m, v = np.ones(5), np.zeros(5), np.zeros(5)
+    for t, g in enumerate(grads, start=1):
+        m += (g - m) * (1 - beta1)
+        v += (g * g - v) * (1 - beta2)
+        w -= m * (lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)) / (np.sqrt(v) + eps)
+
+    config = TrainConfig(optimizer=optimizer)
+    model = nn.Linear(5, 1, bias=False).double()
+    nn.init.ones_(model.weight)
+    opt = make_optimizer(model, config)
+    for t, g in enumerate(grads):
+        if t == 3:
+            saved = opt.state_dict()
+            opt = make_optimizer(model, config)
+            opt.load_state_dict(saved)
+        model.weight.grad = torch.from_numpy(g)[None].clone()
+        opt.step()
+    np.testing.assert_allclose(model.weight.detach().numpy()[0], w, rtol=0, atol=1e-12)
+    # torch's own epsilon (1e-8 after the correction) lands elsewhere, by far more than the tolerance
+    plain = nn.Linear(5, 1, bias=False).double()
+    nn.init.ones_(plain.weight)
+    torch_adam = torch.optim.Adam(plain.parameters(), lr=lr)
+    for g in grads:
+        plain.weight.grad = torch.from_numpy(g)[None].clone()
+        torch_adam.step()
+    assert np.abs(plain.weight.detach().numpy()[0] - w).max() > 1e-6
 
 
 def test_fine_tuning_a_pretrained_backbone(tmp_path):

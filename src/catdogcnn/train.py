@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     optimizer: str = "adam"  # "adam" (the seed's) | "adamw" | "sgd" (momentum 0.9, Nesterov)
+    adam_eps: float = 1e-7  # Adam's epsilon as Keras (the seed's) applies it: added to sqrt(v) before bias correction
     weight_decay: float = 0.0
     schedule: str = "constant"  # "constant" (the seed's) | "cosine": linear warm-up, then cosine decay to 0
     warmup_epochs: float = 0.0
@@ -103,6 +104,7 @@ class TrainConfig:
                   ("val_max", self.val_max >= 2, ">= 2"),
                   ("threads", self.threads is None or self.threads >= 1, ">= 1"),
                   ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("adam_eps", self.adam_eps > 0, "> 0"),
                   ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
                   ("backbone_lr_scale", self.backbone_lr_scale >= 0, ">= 0"),
                   ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
@@ -370,9 +372,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_scale})
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    optimizer = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    for group in groups:
+        group["keras_eps"] = config.adam_eps
+    adam = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     # The fused kernel does the same arithmetic in one pass: 20% of a seed-CNN step on a CPU.
-    return optimizer(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    optimizer = adam(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    optimizer.register_step_pre_hook(_keras_epsilon)
+    return optimizer
+
+
+def _keras_epsilon(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Keras's Adam adds epsilon to sqrt(v) before the bias correction, torch's after: the updates are the same
+    when torch's epsilon at step t is Keras's / sqrt(1 - beta2^t). The step count lives in the param group, so
+    it is saved and resumed with the optimizer's state."""
+    for group in optimizer.param_groups:
+        group["keras_step"] = group.get("keras_step", 0) + 1
+        group["eps"] = group["keras_eps"] / math.sqrt(1 - group["betas"][1] ** group["keras_step"])
 
 
 def lr_factor(config: TrainConfig, steps_per_epoch: int):
