@@ -295,6 +295,12 @@ def test_adam_steps_as_keras_does(optimizer):
         plain.weight.grad = torch.from_numpy(g)[None].clone()
         torch_adam.step()
     assert np.abs(plain.weight.detach().numpy()[0] - w).max() > 1e-6
+    # an optimizer state saved before Keras's epsilon resumes as it ran: torch's
+    older = torch_adam.state_dict()
+    resumed = make_optimizer(plain, config)
+    resumed.load_state_dict(older)
+    resumed.step()
+    assert resumed.param_groups[0]["eps"] == 1e-8
 
 
 def test_fine_tuning_a_pretrained_backbone(tmp_path):

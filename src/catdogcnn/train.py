@@ -384,8 +384,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 def _keras_epsilon(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     """Keras's Adam adds epsilon to sqrt(v) before the bias correction, torch's after: the updates are the same
     when torch's epsilon at step t is Keras's / sqrt(1 - beta2^t). The step count lives in the param group, so
-    it is saved and resumed with the optimizer's state."""
+    it is saved and resumed with the optimizer's state; a checkpoint saved before keeps torch's epsilon."""
     for group in optimizer.param_groups:
+        if "keras_eps" not in group:
+            continue
         group["keras_step"] = group.get("keras_step", 0) + 1
         group["eps"] = group["keras_eps"] / math.sqrt(1 - group["betas"][1] ** group["keras_step"])
 
