@@ -7,6 +7,7 @@ and, at the end, the model bundle in `bundle/`.
 from __future__ import annotations
 
 import ctypes
+import gc
 import io
 import json
 import logging
@@ -584,6 +585,10 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
         distributed = {"processes": world, "backend": dist.get_backend(),
                        "effective_batch_size": config.batch_size * world, "weights_identical": _weights_agree(model)}
         dist.barrier()  # the last checkpoint is on disk before anyone reads it
+        # DDP holds the process group in reference cycles; left to the exit, it outlives destroy_process_group and
+        # its threads abort the process (1 run in 10 under load), so it goes now.
+        del trained
+        gc.collect()
         if not lead:
             dist.destroy_process_group()
             return None
