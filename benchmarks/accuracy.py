@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from catdogcnn.bundle import bundled_models_dir
 from catdogcnn.data import scan_folder
 from catdogcnn.evaluate import evaluate
-from catdogcnn.predict import Classifier, bundled_models_dir
+from catdogcnn.predict import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from catdogcnn.bundle import bundled_models_dir
 from catdogcnn.data import decode_image, decode_many, scan_folder
-from catdogcnn.predict import Classifier, bundled_models_dir
+from catdogcnn.predict import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,9 +1,15 @@
-"""Calibration: how far confidence is from accuracy (ECE), and a temperature that brings them together.
+"""Class probabilities as every part reads them, and how far their confidence is from accuracy.
 
-numpy and SciPy only, so training (which fits the temperature) and evaluation (which reports ECE) share it.
+The one place that says how two classes differ from more: probabilities from logits, the decision, and the
+one-against-the-rest views of metrics and curves. Then calibration: reliability bins (one binning for the
+expected calibration error and the plot of it), log loss, a temperature that brings confidence and accuracy
+together, and the "neither" cut. numpy, SciPy and scikit-learn only: training, quantization, inference and
+evaluation all share it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,18 +24,52 @@ def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by how many photos each holds."""
+def decide(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """Class indices (N,) from probabilities (N, C): for two classes the second wins when its probability
+    exceeds the threshold; for more, the most probable."""
+    if probabilities.shape[1] == 2:
+        return (probabilities[:, 1] > threshold).astype(int)
+    return probabilities.argmax(1)
+
+
+def one_vs_rest(y: np.ndarray, p: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(class index, is that class (N,), its probability (N,)) for each class a curve or an AUC speaks of: for
+    two classes the second alone (the first's curve is its mirror image), for more every class."""
+    positives = [1] if p.shape[1] == 2 else range(p.shape[1])
+    return [(k, np.asarray(y) == k, p[:, k]) for k in positives]
+
+
+class Reliability(NamedTuple):
+    """Per non-empty confidence bin: mean confidence, accuracy, and the share of photos in it."""
+
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    share: np.ndarray
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> Reliability:
+    """Photos binned by their top probability into `bins` equal-width bins from 1/C (a blind guess) to 1."""
     confidence, correct = p.max(axis=1), (p.argmax(axis=1) == y)
     edges = np.linspace(1 / p.shape[1], 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
+    used = [b for b in range(bins) if (which == b).any()]
+    return Reliability(np.array([confidence[which == b].mean() for b in used]),
+                       np.array([correct[which == b].mean() for b in used]),
+                       np.array([(which == b).mean() for b in used]))
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over the reliability bins, weighted by how many photos each holds."""
+    r = reliability(y, p, bins)
+    return float((np.abs(r.accuracy - r.confidence) * r.share).sum())
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    # + 0.0 turns the -0.0 of an all-certain set into 0.0, which prints as "0.0000", not "-0.0000"
-    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)).mean()) + 0.0
+    """Mean -log p(true class): scikit-learn's (probabilities clipped to [eps, 1 - eps], so never inf or -0.0),
+    with every column of `p` a class even when `y` lacks one."""
+    from sklearn.metrics import log_loss as sklearn_log_loss
+
+    return float(sklearn_log_loss(y, p, labels=list(range(p.shape[1]))))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

@@ -30,7 +30,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from catdogcnn.predict import BundleError
+        from catdogcnn.bundle import BundleError
 
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
         try:
@@ -253,21 +253,10 @@ def quantize(
                                                     "ranges on.")] = 512,
 ) -> None:
     """Write an int8 copy of a bundle (faster on CPUs) and report how closely it agrees with the original."""
-    import numpy as np
+    from catdogcnn.bundle import read_bundle_metadata
+    from catdogcnn.quantize import quantize as run_quantize
 
-    from catdogcnn.export import float_bundle_metadata, quantize_bundle
-    from catdogcnn.predict import find_bundle, read_bundle_metadata
-    from catdogcnn.train import TrainConfig, prepare_data
-
-    bundle = find_bundle(bundle)
-    meta = float_bundle_metadata(bundle)
-    if "config" not in meta.get("training", {}):
-        raise ValueError(f"{bundle}: the bundle records no training configuration, so its validation photos "
-                         "are unknown")
-    config = TrainConfig.from_dict(meta["training"]["config"])
-    dataset = prepare_data(data_dir, config, meta["input"]["image_size"], meta["input"]["resize"])
-    pick = np.sort(np.random.default_rng(config.seed).permutation(len(dataset.train))[:calibration_photos])
-    written = quantize_bundle(bundle, out, dataset.train.images[pick], dataset.val.images, dataset.val.labels)
+    written = run_quantize(bundle, data_dir, out, calibration_photos)
     info = read_bundle_metadata(written)["quantization"]
     typer.echo(f"{written}: labels agree on {info['label_agreement']:.2%} of {info['checked_on']}; validation "
                f"accuracy {info['val_accuracy_float']:.2%} -> {info['val_accuracy_int8']:.2%}")

@@ -27,6 +27,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from catdogcnn.bundle import atomic_output, atomic_write
+
 log = logging.getLogger("catdogcnn")
 
 SPLIT_FOLDERS = {"train": "training_set", "test": "test_set", "extra": "extra_set"}
@@ -266,6 +268,16 @@ def list_classes(folder: Path) -> list[str]:
     return classes
 
 
+def list_files(folder: Path) -> list[Path]:
+    """Every non-hidden file under `folder` (recursively, hidden folders skipped), sorted; [] when it is not a
+    folder."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return found
+
+
 def scan_folder(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[Sample]]:
     """Every non-hidden file under `folder/<class>/` (recursively), labelled by its class folder.
 
@@ -274,14 +286,7 @@ def scan_folder(folder: Path, classes: Sequence[str] | None = None) -> tuple[lis
     """
     folder = Path(folder)
     classes = list(classes) if classes is not None else list_classes(folder)
-    samples = []
-    for label, name in enumerate(classes):
-        class_dir = folder / name
-        if not class_dir.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            samples.extend(Sample(Path(dirpath) / f, label) for f in sorted(filenames) if not f.startswith("."))
+    samples = [Sample(path, label) for label, name in enumerate(classes) for path in list_files(folder / name)]
     return classes, samples
 
 
@@ -379,42 +384,41 @@ def load_images(samples: Sequence[Sample], classes: Sequence[str], size: int, re
 
 
 def _decode_set(samples, classes, size, resample, workers, cache_paths, progress) -> ImageSet:
-    n = len(samples)
+    shape = (max(len(samples), 1), size, size, 3)
     if cache_paths:
         array_path, meta_path = cache_paths
-        tmp_array = array_path.with_name(f"{array_path.stem}.tmp{os.getpid()}.npy")
-        out = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=np.uint8, shape=(max(n, 1), size, size, 3))
+        with atomic_output(array_path) as tmp_array:
+            out = np.lib.format.open_memmap(tmp_array, mode="w+", dtype=np.uint8, shape=shape)
+            good, bad = _decode_into(out, samples, size, resample, workers, progress)
+            out.flush()
+            del out
+        # The metadata lands last: a cache entry is complete or absent.
+        atomic_write(meta_path, json.dumps({"n_good": len(good), "good": good,
+                                            "bad": [[e.path, e.reason, e.kind] for e in bad]}).encode())
+        images = np.load(array_path, mmap_mode="r")
     else:
-        out = np.empty((max(n, 1), size, size, 3), dtype=np.uint8)
+        images = np.empty(shape, dtype=np.uint8)
+        good, bad = _decode_into(images, samples, size, resample, workers, progress)
+    return ImageSet(list(classes), [samples[i].path for i in good],
+                    np.array([samples[i].label for i in good], dtype=np.int64), images[: len(good)], bad)
+
+
+def _decode_into(out: np.ndarray, samples, size, resample, workers, progress) -> tuple[list[int], list]:
+    """Decode `samples` into `out`, good photos packed to the front in input order: (their indices, the bad)."""
+    n = len(samples)
     good, bad = [], []
     for i, result in enumerate(decode_many([s.path for s in samples], size, resample, workers)):
         if isinstance(result, BadImageError):
             log.warning("skipped %s", result)
             bad.append(result)
         else:
-            out[len(good)] = result  # good photos are packed to the front, in input order
+            out[len(good)] = result
             good.append(i)
         if progress and (i + 1) % 64 == 0:
             progress(64)
     if progress:
         progress(n % 64)
-    if cache_paths:
-        out.flush()
-        del out
-        os.replace(tmp_array, array_path)
-        tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps({"n_good": len(good), "good": good,
-                                        "bad": [[e.path, e.reason, e.kind] for e in bad]}))
-        os.replace(tmp_meta, meta_path)  # the metadata lands last: a cache entry is complete or absent
-        out = np.load(array_path, mmap_mode="r")
-    return ImageSet(list(classes), [samples[i].path for i in good],
-                    np.array([samples[i].label for i in good], dtype=np.int64), out[: len(good)], bad)
-
-
-def load_folder(folder: Path, size: int, classes: Sequence[str] | None = None, **kwargs) -> ImageSet:
-    """Scan and decode one labelled folder (class sub-folders)."""
-    classes, samples = scan_folder(folder, classes)
-    return load_images(samples, classes, size, **kwargs)
+    return good, bad
 
 
 # --------------------------------------------------------------------------- data check

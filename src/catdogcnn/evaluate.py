@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catdogcnn.calibration import expected_calibration_error
+from catdogcnn.calibration import expected_calibration_error, log_loss, one_vs_rest
 from catdogcnn.data import evaluation_folder, scan_folder
 from catdogcnn.predict import NEITHER, Classifier
 
@@ -54,7 +54,7 @@ def evaluate(data_dir: str | Path, classifier: Classifier, batch_size: int | Non
         "threshold": classifier.threshold,
         "n": int(len(y)),
         "accuracy": float(metrics.accuracy_score(y, yhat)),
-        "log_loss": float(metrics.log_loss(y, p, labels=labels)),
+        "log_loss": log_loss(y, p),
         "ece": expected_calibration_error(y, p),
         "confusion_matrix": metrics.confusion_matrix(y, yhat, labels=labels).tolist(),
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
@@ -72,8 +72,9 @@ def evaluate(data_dir: str | Path, classifier: Classifier, batch_size: int | Non
                                                      if answers else None)
     present = sorted(set(y.tolist()))
     if len(present) == len(labels):
-        result["roc_auc"] = float(metrics.roc_auc_score(y, p[:, 1]) if len(labels) == 2
-                                  else metrics.roc_auc_score(y, p, multi_class="ovr", labels=labels))
+        # One class against the rest, averaged over classes (two classes: the second's curve alone)
+        aucs = [metrics.roc_auc_score(truth, score) for _, truth, score in one_vs_rest(y, p)]
+        result["roc_auc"] = float(np.mean(aucs))
     else:
         result["roc_auc"] = None  # undefined when the folder lacks a class
     if details:

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,22 +16,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many, source_name
+from catdogcnn.bundle import (
+    ACTIVATION_OUTPUT_NAME,
+    IMAGENET_OUTPUT_NAME,
+    OUTPUT_NAME,
+    BundleError,
+    default_bundle_path,
+    find_bundle,
+    graph_path,
+    read_bundle_metadata,
+    read_graph,
+)
+from catdogcnn.calibration import decide
+from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many, list_files, source_name
 
 if TYPE_CHECKING:  # onnxruntime is imported when a Classifier is made: `import catdogcnn` stays quick
     import onnxruntime as ort
 
-# Output names of the bundle graph (export.py writes them; it is not imported here because it needs torch).
-OUTPUT_NAME = "probabilities"
-IMAGENET_OUTPUT_NAME = "imagenet_probabilities"
-ACTIVATION_OUTPUT_NAME = "class_activation"
-
-DEFAULT_BUNDLE = "default"  # a folder of the repository's models/ (inside the wheel: catdogcnn/_bundles/)
 NEITHER = "neither"
-
-
-class BundleError(RuntimeError):
-    """A model bundle that cannot be used; the message is one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -55,66 +55,9 @@ class Prediction:
         return {k: v for k, v in asdict(self).items() if k != "heatmap"}
 
 
-def bundled_models_dir() -> Path:
-    """Where the shipped bundles are: inside the installed wheel, or the repository's models/ folder."""
-    packaged = Path(__file__).parent / "_bundles"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "models"
-
-
-def default_bundle_path() -> Path:
-    """`$CATDOGCNN_MODEL` when set, else the shipped default bundle."""
-    return Path(os.environ.get("CATDOGCNN_MODEL") or bundled_models_dir() / DEFAULT_BUNDLE)
-
-
-def shipped_bundle_names() -> list[str]:
-    return sorted(p.parent.name for p in bundled_models_dir().glob("*/bundle.json"))
-
-
-def find_bundle(bundle: str | os.PathLike) -> Path:
-    """A bundle folder (or its bundle.json) as given, else the shipped bundle of that name (`seed_cnn`, ...):
-    shipped bundles are found by name wherever the package is installed."""
-    path = Path(bundle)
-    shipped = bundled_models_dir() / path
-    if not path.exists() and len(path.parts) == 1 and (shipped / "bundle.json").is_file():
-        return shipped
-    return path
-
-
-def read_bundle_metadata(bundle: str | os.PathLike) -> dict:
-    path = find_bundle(bundle)
-    meta_path = path / "bundle.json" if path.is_dir() else path
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{meta_path}: no model bundle here (expected a folder with bundle.json, or a shipped "
-                          f"bundle's name: {', '.join(shipped_bundle_names())})") from None
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{meta_path}: unreadable bundle metadata ({e})") from None
-    for key in ("classes", "input", "graph", "threshold"):
-        if key not in metadata:
-            raise BundleError(f"{meta_path}: bundle metadata lacks {key!r}")
-    return metadata
-
-
 def expand_photos(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; folders replaced by every non-hidden file inside them (recursively, sorted)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-        else:
-            out.append(p)
-    return out
-
-
-def decide(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    """Class indices (N,) from probabilities (N, C): for two classes the second wins when its probability
-    exceeds the threshold; for more, the most probable."""
-    if probabilities.shape[1] == 2:
-        return (probabilities[:, 1] > threshold).astype(int)
-    return probabilities.argmax(1)
+    return [found for p in map(Path, paths) for found in (list_files(p) if p.is_dir() else [p])]
 
 
 def run_graph(session: ort.InferenceSession, input_name: str, names: list[str], images: np.ndarray,
@@ -140,14 +83,8 @@ class Classifier:
 
         self.bundle = find_bundle(bundle)
         self.metadata = read_bundle_metadata(self.bundle)
-        bundle_dir = self.bundle if self.bundle.is_dir() else self.bundle.parent
-        graph = bundle_dir / self.metadata["graph"]["file"]
-        try:
-            graph_bytes = graph.read_bytes()
-        except OSError as e:
-            raise BundleError(f"{graph}: cannot read the model graph ({e.strerror or e})") from None
-        if hashlib.sha256(graph_bytes).hexdigest() != self.metadata["graph"]["sha256"]:
-            raise BundleError(f"{graph}: sha256 does not match bundle.json (corrupt or replaced file)")
+        graph = graph_path(self.bundle, self.metadata)
+        graph_bytes = read_graph(self.bundle, self.metadata)
         self.classes: list[str] = list(self.metadata["classes"])
         self.image_size: int = int(self.metadata["input"]["image_size"])
         self.resize: str = self.metadata["input"].get("resize", "bilinear")

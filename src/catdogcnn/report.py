@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from catdogcnn.calibration import decide, one_vs_rest, reliability  # noqa: E402
 from catdogcnn.predict import Classifier  # noqa: E402
 
 SEED_THRESHOLD = 0.6
@@ -66,7 +67,6 @@ def _photo_grid(classifier: Classifier, photos: list[dict], out_dir: Path, prefi
 def evaluation_report(result: dict, classifier: Classifier, out_dir: str | Path, examples: int = 8) -> Path:
     """Write `out_dir/report.html` and its plots; returns the HTML path."""
     from sklearn import metrics
-    from sklearn.calibration import calibration_curve
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,14 +87,11 @@ def evaluation_report(result: dict, classifier: Classifier, out_dir: str | Path,
 
     if len(set(y.tolist())) == len(classes):
         fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
-        # Two classes: one curve, the second class as positive; more: one curve per class against the rest.
-        curves = ([(classes[1], y == 1, p[:, 1])] if len(classes) == 2
-                  else [(name, y == k, p[:, k]) for k, name in enumerate(classes)])
-        for name, truth, score in curves:
+        for k, truth, score in one_vs_rest(y, p):
             fpr, tpr, _ = metrics.roc_curve(truth, score)
-            roc_ax.plot(fpr, tpr, label=name)
+            roc_ax.plot(fpr, tpr, label=classes[k])
             precision, recall, _ = metrics.precision_recall_curve(truth, score)
-            pr_ax.plot(recall, precision, label=name)
+            pr_ax.plot(recall, precision, label=classes[k])
         roc_ax.plot([0, 1], [0, 1], ":", color="grey")
         roc_ax.set(xlabel="false positive rate", ylabel="true positive rate",
                    title=f"ROC (AUC {result['roc_auc']:.4f})")
@@ -103,19 +100,19 @@ def evaluation_report(result: dict, classifier: Classifier, out_dir: str | Path,
         plots.append(("ROC and precision-recall curves", _save(fig, out_dir, "roc_pr.png")))
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    correct = (p.argmax(1) == y).astype(int)
-    frequency, confidence = calibration_curve(correct, p.max(1), n_bins=10, strategy="uniform")
+    bins = reliability(y, p)  # the bins the ECE above is computed over
     ax.plot([1 / len(classes), 1], [1 / len(classes), 1], ":", color="grey", label="perfect calibration")
-    ax.plot(confidence, frequency, "o-", label="this model")
+    ax.plot(bins.confidence, bins.accuracy, "o-", label="this model")
     ax.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {result['ece']:.4f})")
     ax.legend()
     plots.append(("Calibration (reliability diagram)", _save(fig, out_dir, "calibration.png")))
 
     if len(classes) == 2:
         thresholds = np.linspace(0.01, 0.99, 99)
-        accuracy = [((p[:, 1] > t) == y).mean() for t in thresholds]
-        first_as_second = [((p[:, 1] > t) & (y == 0)).sum() / max(1, (y == 0).sum()) for t in thresholds]
-        second_as_first = [((p[:, 1] <= t) & (y == 1)).sum() / max(1, (y == 1).sum()) for t in thresholds]
+        answers = [decide(p, t) for t in thresholds]
+        accuracy = [(a == y).mean() for a in answers]
+        first_as_second = [((a == 1) & (y == 0)).sum() / max(1, (y == 0).sum()) for a in answers]
+        second_as_first = [((a == 0) & (y == 1)).sum() / max(1, (y == 1).sum()) for a in answers]
         fig, ax = plt.subplots(figsize=(6, 3.6))
         ax.plot(thresholds, accuracy, label="accuracy")
         ax.plot(thresholds, first_as_second, label=f"{classes[0]} called {classes[1]}")
