@@ -21,7 +21,7 @@ from unittest.mock import patch
 import torch
 import torch.nn.functional as F
 
-from catdogcnn import kernels
+from catdogcnn.accel import kernels
 from catdogcnn.augment import augment_batch, parse_augment
 from catdogcnn.models import build_model
 from catdogcnn.models.fused_pool import ConvMaxPoolReLUFunction, MaxPoolReLUFunction

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from catdogcnn import kernels
+from catdogcnn.accel import kernels
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""2x2 max-pooling and ReLU in one pass, for training on bf16 channels-last CPU maps (C kernels, `kernels.c`),
+"""2x2 max-pooling and ReLU in one pass, for training on bf16 channels-last CPU maps (C kernels, `accel/kernels.c`),
 and on CPUs with AVX-512 BF16 dot products the seed CNN's first convolution fused in front of them.
 
 Hand-written because torch's CPU max-pool keeps int64 indices as large as its input, and its backward
@@ -15,15 +15,15 @@ gradient alone (0.65 ms).
 It rounds the photos and weights to bf16 as the convolution under autocast does, but compares the four sums
 before rounding them, so its outputs equal torch's to within bf16 rounding, not bit for bit.
 
-The C code is in `kernels.c`, built on first use (`kernels.py`); where it cannot be built, training uses torch's
-layers.
+The C code is in `accel/kernels.c`, built on first use (`accel/kernels.py`); where it cannot be built, training
+uses torch's layers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from catdogcnn import kernels
+from catdogcnn.accel import kernels
 
 
 def _nhwc_empty(n: int, c: int, h: int, w: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -19,10 +19,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch  # noqa: F401  (loaded first: the library's OpenMP calls must resolve to torch's runtime)
+
+from catdogcnn.bundle import atomic_output
 
 log = logging.getLogger("catdogcnn")
 SOURCE = Path(__file__).with_suffix(".c")
@@ -41,19 +42,15 @@ def _cpu_identity() -> str:
 def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed: a concurrent or interrupted build never leaves half a library.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=True, capture_output=True, text=True,
-                       timeout=120)
-        os.replace(partial, target)
-    finally:
-        Path(partial).unlink(missing_ok=True)
+    with atomic_output(target) as partial:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+                       text=True, timeout=120)
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None (said once, as a warning) where they cannot be built."""
+    """The compiled kernels, built on first use into `$CATDOGCNN_CACHE/kernels` (default
+    `~/.cache/catdogcnn/kernels`); None (said once, as a warning) where they cannot be built."""
     from catdogcnn.data import default_cache_dir
 
     compiler = shutil.which(os.environ.get("CC", "cc"))
