@@ -86,7 +86,12 @@ ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in 
     413: "A photo is larger than the upload limit, or too many photos in one request",
     415: "Not an image (for a request of one photo; with several, each failure is listed in `results`)",
     422: "An image that cannot be decoded (corrupt, truncated, decompression bomb), or a malformed request",
+    503: "The model worker has stopped (the server needs a restart)",
 }.items()}
+
+
+class WorkerStoppedError(RuntimeError):
+    """The micro-batcher's task has ended (shutdown, or a bug): its requests are answered 503, never left waiting."""
 
 
 class MicroBatcher:
@@ -107,33 +112,45 @@ class MicroBatcher:
     async def predict(self, image: np.ndarray, name: str, explain: bool = False) -> Prediction:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((image, name, explain, future))
-        return await future
+        # The answer, or the end of the task that would give it: a request never waits for what cannot come.
+        await asyncio.wait({future, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not future.done():
+            future.cancel()
+            raise WorkerStoppedError("the model worker has stopped; restart the server")
+        return future.result()
 
     async def _run(self) -> None:
         while True:
             batch = [await self.queue.get()]
-            deadline = time.perf_counter() + self.config.batch_wait_ms / 1000
-            while len(batch) < self.config.max_batch:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
-                    break
-            images = np.stack([item[0] for item in batch])
-            explain = self.classifier.can_explain and any(item[2] for item in batch)  # maps only when asked
+            await self._gather(batch)
+            await self._answer(batch)
+
+    async def _gather(self, batch: list) -> None:
+        """Add queued photos to `batch` until it is full or the first has waited `batch_wait_ms`."""
+        deadline = time.perf_counter() + self.config.batch_wait_ms / 1000
+        while len(batch) < self.config.max_batch:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
             try:
-                results = await run_in_threadpool(self.classifier.predict_decoded, images, [item[1] for item in batch],
-                                                  explain)
-            except Exception as e:  # a failed model call fails its own batch, never the server
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (*_, future), result in zip(batch, results, strict=True):
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:  # noqa: UP041  asyncio's own name: a class of its own before Python 3.11
+                return
+
+    async def _answer(self, batch: list) -> None:
+        images = np.stack([item[0] for item in batch])
+        explain = self.classifier.can_explain and any(item[2] for item in batch)  # maps only when asked
+        try:
+            results = await run_in_threadpool(self.classifier.predict_decoded, images, [item[1] for item in batch],
+                                              explain)
+        except Exception as e:  # a failed model call fails its own batch, never the server
+            for *_, future in batch:
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(e)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 def create_app(bundle: str | Path | None = None, config: ServeConfig | None = None,
@@ -201,7 +218,10 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
                 image = await run_in_threadpool(decode_image, data, classifier.image_size, classifier.resize)
             except BadImageError as e:
                 raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), f"{name}: {e.reason}") from None
-            p = await (await batcher()).predict(image, name, explain)
+            try:
+                p = await (await batcher()).predict(image, name, explain)
+            except WorkerStoppedError as e:
+                raise ApiError(503, f"{name}: {e}") from None
         except ApiError as e:
             return PhotoResult(filename=name, time_ms=(time.perf_counter() - started) * 1000,
                                error=ErrorBody(status=e.status, message=e.message))
@@ -218,7 +238,7 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
                       ) -> PredictResponse:
         """Label photos. Each photo gets its own result; a bad photo gets an `error` entry and the others
         still succeed. When no photo in the request could be labelled, the response carries the first
-        photo's error status (413, 415 or 422)."""
+        photo's error status (413, 415, 422 or 503)."""
         if len(files) > config.max_files:
             raise ApiError(413, f"{len(files)} photos in one request; the limit is {config.max_files}")
         results = await asyncio.gather(*(one_photo(f, explain) for f in files))
