@@ -25,7 +25,7 @@ from catdogcnn.accel import kernels
 from catdogcnn.augment import augment_batch, parse_augment
 from catdogcnn.models import build_model
 from catdogcnn.models.fused_pool import ConvMaxPoolReLUFunction, MaxPoolReLUFunction
-from catdogcnn.train import TrainConfig, _loss_and_correct, keep_freed_memory, make_optimizer
+from catdogcnn.train import TrainConfig, keep_freed_memory, loss_and_correct, make_optimizer
 
 BATCH = 32
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the training loop does
+    keep_freed_memory()  # as the train command does
     bf16, cl, n = torch.bfloat16, torch.channels_last, args.repeats
     rand = torch.Generator().manual_seed(0)
 
@@ -162,7 +162,7 @@ def main() -> None:
     def step() -> None:
         with torch.autocast("cpu", dtype=bf16):
             logits = model(batch().contiguous(memory_format=cl))
-        loss, _ = _loss_and_correct(logits.float(), labels)
+        loss, _ = loss_and_correct(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         (loss / BATCH).backward()
         optimizer.step()

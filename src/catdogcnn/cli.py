@@ -215,7 +215,7 @@ def train(
                                                 "replaced atomically.")] = None,
 ) -> None:
     """Train a model; checkpoints every epoch and writes the model bundle to OUT/bundle."""
-    from catdogcnn.train import TrainConfig, TrainingInterrupted
+    from catdogcnn.train import TrainConfig, TrainingInterrupted, keep_freed_memory
     from catdogcnn.train import train as run_training
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -236,6 +236,7 @@ def train(
              "threads": threads}
     values.update({k: v for k, v in flags.items() if v is not None})
     config = TrainConfig.from_dict(values)
+    keep_freed_memory()  # this process is the command's own: its allocator may be tuned for training
     try:
         run_training(data_dir, out, config, resume=resume, bundle_dir=bundle)
     except TrainingInterrupted as e:
@@ -290,13 +291,14 @@ def tune(
     import optuna
     from rich.console import Console
 
-    from catdogcnn.train import TrainConfig, TrainingInterrupted
+    from catdogcnn.train import TrainConfig, TrainingInterrupted, keep_freed_memory
     from catdogcnn.tune import leaderboard, parse_grid
     from catdogcnn.tune import tune as run_tune
 
     base = TrainConfig.from_dict({**(json.loads(config_file.read_text()) if config_file else {}), "model": model})
     out = out or Path(f"runs/tune-{model}")
     console = Console(stderr=True, soft_wrap=True)
+    keep_freed_memory()  # as `train` does: the trials train in this process
     try:
         result = run_tune(data_dir, out, base, trials, sampler=sampler, storage=storage, study_name=study,
                           params=params.split(",") if params else None, console=console,

@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna over `train.SEARCH_SPACE`, scored by validation accuracy.
+"""Hyperparameter search with Optuna over `SEARCH_SPACE`, scored by validation accuracy.
 
 Each trial trains one configuration (the base configuration with the sampled settings) and reports its
 validation accuracy after every epoch, so the pruner stops trials that trail the others; its score is its
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +23,41 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from catdogcnn.export import atomic_write
+from catdogcnn.augment import PRESETS
+from catdogcnn.bundle import atomic_write
 from catdogcnn.models import get_spec
-from catdogcnn.train import SEARCH_SPACE, TrainConfig, TrainingInterrupted, train
+from catdogcnn.train import TrainConfig, TrainingInterrupted, train
+from catdogcnn.train.config import Schedule
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable setting: a range ("float", "int", optionally log-scaled) or a list of choices ("choice"),
+    and the values a grid search tries."""
+
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple = ()
+    grid: tuple = ()
+
+
+# What `catdogcnn tune` searches (`--params` picks a subset). Here, beside its one reader, rather than in the
+# torch-free train/config.py: the presets come from augment.py, which imports torch. The augmentation presets
+# run from weak to strong; image size changes the seed CNN's dense layer, not its design.
+SEARCH_SPACE: dict[str, Param] = {
+    "lr": Param("float", 1e-4, 1e-2, log=True, grid=(3e-4, 1e-3, 3e-3)),
+    "weight_decay": Param("choice", choices=(0.0, 1e-5, 1e-4, 1e-3)),
+    "batch_size": Param("choice", choices=(32, 64, 128)),
+    "dropout": Param("float", 0.0, 0.6, grid=(0.1, 0.25, 0.5)),
+    "augment": Param("choice", choices=tuple(PRESETS)),
+    "schedule": Param("choice", choices=typing.get_args(Schedule)),
+    "image_size": Param("choice", choices=(64, 80, 96)),
+    "epochs": Param("int", 10, 60, grid=(25, 40, 60)),
+}
 
 
 @dataclass
@@ -95,6 +127,16 @@ def baseline_values(base: TrainConfig, names: list[str]) -> dict:
     return {name: values[name] for name in names}
 
 
+def heartbeat_storage(url: str) -> optuna.storages.RDBStorage:
+    """The study's storage at `url`. A worker that dies mid-trial stops its heartbeat; the trial is then failed
+    and run again by someone."""
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna, stable in use since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                                          heartbeat_stale_trial_callback=retry)
+
+
 def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler: str = "tpe",
          storage: str | None = None, study_name: str | None = None, params: list[str] | None = None,
          pruner: optuna.pruners.BasePruner | None = None, enqueue: list[dict] | None = None,
@@ -117,16 +159,10 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
         raise ValueError("grid values are for the grid sampler (--sampler grid)")
     base.validate()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials report through the console; a stop is one line
-    url = storage or default_storage(out_dir)
-    # A worker that dies mid-trial stops its heartbeat; the trial is then failed and run again by someone.
-    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna, stable in use since 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        rdb = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                         heartbeat_stale_trial_callback=retry)
     chosen_sampler = (optuna.samplers.GridSampler(grid_of(names, grid), seed=base.seed) if sampler == "grid"
                       else optuna.samplers.TPESampler(seed=base.seed))
-    study = optuna.create_study(storage=rdb, study_name=study_name or f"{base.model}-{sampler}", direction="maximize",
+    study = optuna.create_study(storage=heartbeat_storage(storage or default_storage(out_dir)),
+                                study_name=study_name or f"{base.model}-{sampler}", direction="maximize",
                                 sampler=chosen_sampler, load_if_exists=True,
                                 pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5))
     study.set_user_attr("base_config", asdict(base))
@@ -167,6 +203,24 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
                 (run_dir / checkpoint).unlink(missing_ok=True)
         return best
 
+    remaining = trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    if remaining > 0:
+        # The total is shared: with several workers on one storage, all stop when the study holds `trials`.
+        study.optimize(objective, n_trials=remaining, gc_after_trial=True,
+                       callbacks=[_after_trial(best_path, console),
+                                  optuna.study.MaxTrialsCallback(trials, states=FINISHED)])
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not completed:
+        return TuneResult(study, None, None)
+    best_config = TrainConfig.from_dict(study.best_trial.user_attrs["config"])
+    # Written again at the end: with several workers, the best trial may be another worker's.
+    atomic_write(best_path, (json.dumps(asdict(best_config), indent=2) + "\n").encode())
+    return TuneResult(study, best_config, best_path)
+
+
+def _after_trial(best_path: Path, console: Console) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """What a finished trial says; a new best configuration is written to `best_path` at once."""
+
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.COMPLETE and study.best_trial.number == trial.number:
             atomic_write(best_path, (json.dumps(trial.user_attrs["config"], indent=2) + "\n").encode())
@@ -175,18 +229,7 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
             console.print(f"trial {trial.number}: val accuracy {trial.value:.4f} "
                           f"(best {study.best_value:.4f}, trial {study.best_trial.number})")
 
-    remaining = trials - len(study.get_trials(deepcopy=False, states=FINISHED))
-    if remaining > 0:
-        # The total is shared: with several workers on one storage, all stop when the study holds `trials`.
-        study.optimize(objective, n_trials=remaining, gc_after_trial=True,
-                       callbacks=[after_trial, optuna.study.MaxTrialsCallback(trials, states=FINISHED)])
-    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not completed:
-        return TuneResult(study, None, None)
-    best_config = TrainConfig.from_dict(study.best_trial.user_attrs["config"])
-    # Written again at the end: with several workers, the best trial may be another worker's.
-    atomic_write(best_path, (json.dumps(asdict(best_config), indent=2) + "\n").encode())
-    return TuneResult(study, best_config, best_path)
+    return after_trial
 
 
 def leaderboard(study: optuna.Study, top: int = 10) -> Table:

@@ -1,0 +1,64 @@
+"""The end of every recipe: the trained model's figures on the validation photos, its calibration, and the
+model bundle that carries them (with the "neither" rule when the model can tell)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from catdogcnn.augment import parse_augment
+from catdogcnn.export import export_bundle
+from catdogcnn.models import Normalize, get_spec
+from catdogcnn.train.calibrate import calibrate, calibrate_neither, choose_tta, is_cats_and_dogs
+from catdogcnn.train.config import TrainConfig
+from catdogcnn.train.dataset import TrainingData
+from catdogcnn.train.metrics import logits_metrics, predict_logits
+
+
+def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: TrainingData, training: dict,
+           console: Console, val_logits: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
+    """Final validation metrics, the "neither" calibration when the model has an ImageNet head, and the bundle.
+
+    `val_logits` (class logits, ImageNet logits) skips the pass over the validation photos when known.
+    """
+    spec = get_spec(config.model)
+    image_size = config.image_size or spec.image_size
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    normalize = Normalize(spec.mean, spec.std)
+    with_neither = hasattr(model, "forward_all") and is_cats_and_dogs(dataset.summary["classes"])
+    if val_logits is None:
+        val_logits = predict_logits(model, normalize, dataset.val.images, torch.device("cpu"),
+                                    with_imagenet=with_neither)
+    calibration = calibrate(model, val_logits[0].numpy(), dataset.val.labels)
+    val_logits = (val_logits[0] / calibration["temperature"], *val_logits[1:])
+    final = logits_metrics(val_logits[0], dataset.val.labels)
+    tta = choose_tta(model, normalize, dataset.val, val_logits[0], config.tta)
+    if tta["used"]:
+        final = {"accuracy": tta["accuracy"]["flip_averaged"], "loss": tta["log_loss"]["flip_averaged"]}
+    metadata = {
+        "architecture": config.model,
+        "classes": dataset.summary["classes"],
+        "input": {"image_size": image_size, "resize": config.resize or spec.resize, "layout": "NHWC uint8 RGB",
+                  "mean": list(spec.mean), "std": list(spec.std)},
+        "threshold": 0.5,
+        "tta": tta["used"],
+        "metrics": {"val_accuracy": final["accuracy"], "val_log_loss": final["loss"], "val_n": len(dataset.val)},
+        "calibration": calibration,
+        "tta_choice": tta,
+        "training": {"config": asdict(config), "augment": parse_augment(config.augment).to_dict(),
+                     "parameters": sum(p.numel() for p in model.parameters()), **training},
+        "data": dataset.summary,
+    }
+    if with_neither:
+        metadata["neither"] = calibrate_neither(val_logits[1])
+    parity = np.asarray(dataset.val.images[: min(16, len(dataset.val))])
+    bundle = export_bundle(model, bundle_dir, image_size=image_size, mean=spec.mean, std=spec.std,
+                           parity_images=parity, metadata=metadata)
+    console.print(f"bundle written to {bundle} (val accuracy {final['accuracy']:.4f}, "
+                  f"val log loss {final['loss']:.4f}{', averaged with the mirror image' if tta['used'] else ''})")
+    return bundle
