@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import NO_CUDA, cuda_available, make_class_folder
+from conftest import NO_CUDA, cuda_available, make_class_folder, run_cli
 from torch import nn
 
 from catdogcnn.data import ImageSet
@@ -29,6 +30,7 @@ from catdogcnn.train import (
     train,
     unused_extra,
 )
+from catdogcnn.train.config import choices
 
 FAST = {"epochs": 3, "batch_size": 16, "augment": "none", "threads": 2, "val_fraction": 0.2}
 
@@ -356,3 +358,45 @@ def test_metrics_of_certain_answers_are_a_plain_zero_loss():
     logits = torch.tensor([[40.0, -5.0, -5.0], [-5.0, 40.0, -5.0]])  # cross-entropy gives -0.0 here
     metrics = logits_metrics(logits, np.array([0, 1]))
     assert metrics["accuracy"] == 1 and f"{metrics['loss']:.4f}" == "0.0000"
+
+
+@pytest.mark.parametrize("setting", [f.name for f in fields(TrainConfig) if choices(f.name)])
+def test_config_rejects_a_value_outside_the_choices_of_its_type(setting):
+    with pytest.raises(ValueError, match=rf"^{setting} must be {choices(setting)[0]}(, .*)? or "
+                                         rf"{choices(setting)[-1]}, not 'bogus'$"):
+        TrainConfig(**{setting: "bogus"}).validate()
+
+
+def test_config_checks_the_type_of_each_setting():
+    with pytest.raises(ValueError, match="^epochs must be a whole number, not '3'$"):
+        TrainConfig(epochs="3").validate()  # as a hand-written JSON config might say it
+    with pytest.raises(ValueError, match="^lr must be a number, not True$"):
+        TrainConfig(lr=True).validate()
+    TrainConfig(lr=1, label_smoothing=0).validate()  # JSON writes some floats as whole numbers
+
+
+def test_every_setting_is_a_train_flag_with_its_help_choices_and_default():
+    """The `train` command's flags come from `TrainConfig`: one per setting, under the setting's name."""
+    result = run_cli("train", "--help", env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│ --")}
+    for f in fields(TrainConfig):
+        line = lines.pop(f"--{f.name.replace('_', '-')}")
+        assert f.metadata["help"] in line, line
+        assert (f"<{'|'.join(choices(f.name) or ())}>" in line) == bool(choices(f.name)), line
+        assert (f"default: {f.default}" in line) == (f.default is not None), line
+    assert set(lines) == {"--out", "--config", "--resume", "--nproc", "--bundle", "--help"}
+    for line in lines.values():  # the command's own options have their help too
+        assert re.search(r"<[^>]+>(?: \[[^]]+\])?\s{2,}[A-Z]", line), line
+
+
+def test_a_bad_choice_on_the_command_line_is_refused_before_any_work(tmp_path):
+    result = run_cli("train", tmp_path / "nowhere", "--optimizer", "adagrad", "--out", tmp_path / "run",
+                     env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 2 and "'adagrad' is not one of 'adam', 'adamw', 'sgd'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_reads_the_settings_without_torch():
+    code = "import sys, catdogcnn.cli, catdogcnn.train.config; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

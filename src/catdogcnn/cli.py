@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -167,46 +169,45 @@ def evaluate(
         console.print(f"skipped {bad['reason']}", style="yellow")
 
 
+def with_training_settings(command):
+    """`command`, whose `settings` parameter takes the training settings given, as a Typer command with one
+    option per `TrainConfig` field there: its help, choices, range and default come from the field."""
+    from rich.markup import escape
+
+    from catdogcnn.train.config import TrainConfig, setting_types
+
+    def option(name: str, default, metadata) -> inspect.Parameter:
+        notes = [str(metadata["bounds"])] if metadata["bounds"] else []
+        notes += [f"default: {default}"] if default is not None else []
+        help_line = metadata["help"] + (" " + escape(f"[{'; '.join(notes)}]") if notes else "")
+        option_type = Annotated[setting_types()[name] | None, typer.Option(help=help_line, show_default=False)]
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option_type)
+
+    settings = fields(TrainConfig)
+    signature = inspect.signature(command, eval_str=True)
+    parameters = []
+    for p in signature.parameters.values():
+        parameters += ([option(f.name, f.default, f.metadata) for f in settings] if p.name == "settings"
+                       else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)])
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = {f.name: kwargs.pop(f.name) for f in settings}
+        return command(**kwargs, settings={name: v for name, v in given.items() if v is not None})
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)
+    return wrapper
+
+
 @app.command()
 @user_errors
+@with_training_settings
 def train(
     data_dir: Annotated[Path, typer.Argument(help="Seed layout (training_set/...) or a folder of class folders.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, bundle/.")] = Path("runs/seed"),
     config_file: Annotated[Path | None, typer.Option("--config", help="JSON file of TrainConfig settings "
                                                      "(flags given here override it).")] = None,
-    model: Annotated[str | None, typer.Option(help="Architecture from the registry.")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    weight_decay: Annotated[float | None, typer.Option()] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam (the seed's), adamw or sgd.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant (the seed's) or cosine (after a warm-up).")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option()] = None,
-    backbone_lr_scale: Annotated[float | None, typer.Option(help="Pretrained backbone's lr = lr x this.")] = None,
-    label_smoothing: Annotated[float | None, typer.Option()] = None,
-    image_size: Annotated[int | None, typer.Option()] = None,
-    resize: Annotated[str | None, typer.Option(help="Photo resampling: bilinear, nearest, bicubic, lanczos.")] = None,
-    augment: Annotated[str | None, typer.Option(help="Augmentation: a preset (none, flip, seed, keras, medium, crop, "
-                                                "strong), optionally with fields set: 'crop,cutout=0.25,mixup=0.2'.")]
-    = None,
-    dropout: Annotated[float | None, typer.Option()] = None,
-    ema: Annotated[float | None, typer.Option(help="Decay of an exponential moving average of the weights, "
-                                              "validated and exported instead of the raw weights (0: off).")] = None,
-    extra: Annotated[str | None, typer.Option(help="Seed layout: use extra_set as val, train or none.")] = None,
-    val_fraction: Annotated[float | None, typer.Option()] = None,
-    val_max: Annotated[int | None, typer.Option(help="Validation photos at most (default 5000).")] = None,
-    select: Annotated[str | None, typer.Option(help="Weights to export: best (validation) or last.")] = None,
-    tta: Annotated[str | None, typer.Option(help="Bundle predicts on the photo and its mirror image: auto (when "
-                                            "that is better on the validation photos), on or off.")] = None,
-    recipe: Annotated[str | None, typer.Option(help="full (train all weights) or probe (frozen pretrained "
-                                               "features + logistic regression).")] = None,
-    probe_c: Annotated[float | None, typer.Option(help="probe: regularisation C (default: chosen on "
-                                                  "validation).")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 where the hardware has it), fp32 or bf16.")]
-    = None,
-    threads: Annotated[int | None, typer.Option()] = None,
+    settings: dict | None = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Train in this many processes on this machine (torchrun "
                                               "+ DistributedDataParallel; the effective batch is batch size x "
@@ -227,15 +228,7 @@ def train(
                    "-m", "catdogcnn", *args]
         raise typer.Exit(subprocess.run(command).returncode)
     values = json.loads(config_file.read_text()) if config_file else {}
-    flags = {"model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-             "optimizer": optimizer, "schedule": schedule, "warmup_epochs": warmup_epochs,
-             "backbone_lr_scale": backbone_lr_scale, "label_smoothing": label_smoothing,
-             "image_size": image_size, "resize": resize, "augment": augment, "dropout": dropout, "ema": ema,
-             "extra": extra, "val_fraction": val_fraction, "val_max": val_max, "select": select, "tta": tta,
-             "recipe": recipe, "probe_c": probe_c, "seed": seed, "device": device, "precision": precision,
-             "threads": threads}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    config = TrainConfig.from_dict(values)
+    config = TrainConfig.from_dict({**values, **(settings or {})})
     keep_freed_memory()  # this process is the command's own: its allocator may be tuned for training
     try:
         run_training(data_dir, out, config, resume=resume, bundle_dir=bundle)
@@ -271,8 +264,8 @@ def tune(
     model: Annotated[str, typer.Option(help="Architecture from the registry.")] = "seed_cnn",
     trials: Annotated[int, typer.Option(min=1, help="Finished trials the study should hold; a rerun resumes up "
                                         "to it.")] = 20,
-    sampler: Annotated[str, typer.Option(help="tpe (default) or grid (every combination of the grid values).")]
-    = "tpe",
+    sampler: Annotated[Literal["tpe", "grid"], typer.Option(help="tpe, or grid (every combination of the grid "
+                                                           "values).")] = "tpe",
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by workers, e.g. "
                                                 "postgresql://host/db (default: sqlite in OUT).")] = None,
     study: Annotated[str | None, typer.Option(help="Study name (default MODEL-SAMPLER).")] = None,
