@@ -8,7 +8,7 @@ from dataclasses import asdict
 import optuna
 import pytest
 from conftest import make_class_folder
-from test_cli import run
+from conftest import run_cli as run
 
 from catdogcnn import tune as tune_module
 from catdogcnn.train import TrainConfig, TrainingInterrupted, train
@@ -26,6 +26,7 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(states=tune_module.FINISHED)
 
 
+@pytest.mark.slow
 def test_trials_start_from_the_base_and_write_a_best_config_that_trains(data, tmp_path):
     result = tune(data, tmp_path / "study", BASE, trials=2, params=["lr", "dropout"], cache_dir=tmp_path / "cache")
     trials = finished(result.study)
@@ -42,6 +43,7 @@ def test_trials_start_from_the_base_and_write_a_best_config_that_trains(data, tm
     assert table.row_count == 2
 
 
+@pytest.mark.slow
 def test_pruned_trials_stop_early(data, tmp_path):
     never_good_enough = optuna.pruners.ThresholdPruner(lower=1.01, n_warmup_steps=2)  # prunes after epoch 2
     result = tune(data, tmp_path, BASE, trials=2, params=["lr"], pruner=never_good_enough,
@@ -55,6 +57,7 @@ def test_pruned_trials_stop_early(data, tmp_path):
     assert result.best_config is None and not (tmp_path / "best_config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_stopped_study_resumes_and_reruns_the_interrupted_trial(data, tmp_path, monkeypatch):
     calls = []
 
@@ -75,6 +78,7 @@ def test_a_stopped_study_resumes_and_reruns_the_interrupted_trial(data, tmp_path
     assert rerun.params["lr"] == calls[1].lr  # the interrupted configuration ran first after the restart
 
 
+@pytest.mark.slow
 def test_grid_search_tries_each_grid_value_once(data, tmp_path):
     one_epoch = TrainConfig.from_dict({**asdict(BASE), "epochs": 1})
     result = tune(data, tmp_path, one_epoch, trials=10, sampler="grid", params=["schedule", "batch_size"],
@@ -83,6 +87,7 @@ def test_grid_search_tries_each_grid_value_once(data, tmp_path):
     assert tried == sorted((s, b) for s in ("constant", "cosine") for b in (32, 64, 128))  # 6: the grid ran out
 
 
+@pytest.mark.slow
 def test_grid_values_given_replace_the_search_space_grid(data, tmp_path):
     one_epoch = TrainConfig.from_dict({**asdict(BASE), "epochs": 1})
     grid = parse_grid("augment=none,flip; schedule=cosine")
@@ -112,6 +117,7 @@ def test_unknown_parameter_is_refused(data, tmp_path):
         tune(data, tmp_path, BASE, trials=1, params=["colour"])
 
 
+@pytest.mark.slow
 def test_command_line_prints_a_leaderboard_and_the_config_trains(data, tmp_path):
     base = tmp_path / "base.json"
     base.write_text(json.dumps({**asdict(BASE), "epochs": 1}))
