@@ -314,7 +314,7 @@ def data_check(
     = 4,
 ) -> None:
     """Counts per split and class, bad files, exact duplicates (leakage, label conflicts), near-duplicates."""
-    from catdogcnn.data import check_dataset
+    from catdogcnn.check import check_dataset
 
     report = check_dataset(data_dir, near_distance=near_distance)
     if as_json:

@@ -14,14 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from catdogcnn.bundle import (  # atomic_write: also imported from here by code written before bundle.py
-    ACTIVATION_OUTPUT_NAME,
-    IMAGENET_OUTPUT_NAME,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    atomic_write,  # noqa: F401
-    write_bundle,
-)
+from catdogcnn.bundle import ACTIVATION_OUTPUT_NAME, IMAGENET_OUTPUT_NAME, INPUT_NAME, OUTPUT_NAME, write_bundle
 from catdogcnn.models import Normalize, logits_to_probabilities
 
 
