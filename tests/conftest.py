@@ -1,10 +1,16 @@
-"""Shared fixtures: synthetic photo folders (made here, never the real photos) and the real data when present."""
+"""Shared fixtures: synthetic photo folders (made here, never the real photos), the real data when present, the
+session's private cache, and the markers' skips. Test files take these as fixtures and never import each other.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import struct
+import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -13,6 +19,37 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_CUDA = "no CUDA device: the GPU path is checked on a machine that has one"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module is collected: what the session builds or decodes (the C kernels, decoded photos, in
+    this process and in the CLI's subprocesses) goes into a temporary folder, never the user's cache."""
+    cache = tempfile.mkdtemp(prefix="catdogcnn-test-cache-")
+    config.stash[_SESSION_CACHE] = cache
+    os.environ["CATDOGCNN_CACHE"] = cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE in config.stash:
+        shutil.rmtree(config.stash[_SESSION_CACHE], ignore_errors=True)
+
+
+_SESSION_CACHE = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the real photos or the browser carry those markers without having to say so."""
+    for item in items:
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") and not cuda_available():
+        pytest.skip(NO_CUDA)
 
 
 def real_data_dir() -> Path | None:
@@ -24,11 +61,21 @@ def real_data_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
+def real_data_if_present() -> Path | None:
+    return real_data_dir()
+
+
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     found = real_data_dir()
     if found is None:
         pytest.skip("real photos not found: set CATDOGCNN_DATA or provide ../shared/data/cats_vs_dogs")
     return found
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +156,34 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def brightness_bundle(tmp_path_factory) -> Path:
+    """A two-class bundle whose p(second class) is the photo's mean brightness (0-255 -> 0-1): answers known in
+    advance, for tests of what is decided from the probabilities."""
+    from onnx import TensorProto, helper
+
+    from catdogcnn.bundle import INPUT_NAME, OUTPUT_NAME, write_bundle
+
+    nodes = [helper.make_node("Cast", [INPUT_NAME], ["pixels"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Div", ["mean", "full_scale"], ["p1"]),
+             helper.make_node("Sub", ["one", "p1"], ["p0"]),
+             helper.make_node("Unsqueeze", ["p0", "axis"], ["p0_column"]),
+             helper.make_node("Unsqueeze", ["p1", "axis"], ["p1_column"]),
+             helper.make_node("Concat", ["p0_column", "p1_column"], [OUTPUT_NAME], axis=1)]
+    constants = [helper.make_tensor("full_scale", TensorProto.FLOAT, [], [255.0]),
+                 helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+                 helper.make_tensor("axis", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(nodes, "brightness",
+                              [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["n", 32, 32, 3])],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["n", 2])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    metadata = {"architecture": "brightness", "classes": ["cats", "dogs"], "threshold": 0.5,
+                "input": {"image_size": 32, "resize": "bilinear"}}
+    return write_bundle(tmp_path_factory.mktemp("bundle") / "brightness", model.SerializeToString(), metadata,
+                        [OUTPUT_NAME])
+
+
+@pytest.fixture(scope="session")
 def non_pet_photos(tmp_path_factory) -> Path:
     """Real photos with no cat or dog (scikit-image's and scikit-learn's sample images)."""
     pytest.importorskip("skimage", reason="scikit-image provides the non-pet sample photos")
@@ -127,4 +202,58 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-NO_CUDA = "no CUDA device: the GPU path is checked on a machine that has one"
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """The C kernels, built (into the session's cache) when the first test asks, never while collecting."""
+    from catdogcnn.accel import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no working C compiler to build the CPU kernels (torch's operators are used)")
+    return kernels
+
+
+@pytest.fixture(scope="session")
+def bf16_conv_kernel(cpu_kernels):
+    if not cpu_kernels.conv_pool_supported():
+        pytest.skip("this CPU has no AVX-512 BF16 dot products for the fused convolution (training uses torch's "
+                    "convolution there)")
+
+
+@pytest.fixture(scope="session")
+def jpeg_bytes():
+    """JPEG bytes of a synthetic photo: class `seed % 2`, drawn from `seed`."""
+    def encode(seed: int = 0, size: int = 96, mode: str = "RGB") -> bytes:
+        buffer = io.BytesIO()
+        synthetic_photo(seed % 2, np.random.default_rng(seed), size).convert(mode).save(buffer, "JPEG")
+        return buffer.getvalue()
+
+    return encode
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line as a user runs it: a subprocess of the installed console script."""
+    exe = shutil.which("catdogcnn") or sys.executable
+    prefix = [exe] if exe.endswith("catdogcnn") else [exe, "-m", "catdogcnn"]
+    return subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture
+def artifacts(tmp_path_factory) -> Path:
+    """Where screenshots go: `$CATDOGCNN_ARTIFACTS` when set, else a temporary folder (never the working tree)."""
+    chosen = os.environ.get("CATDOGCNN_ARTIFACTS")
+    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _as_fixture(helper):
+    @pytest.fixture(name=helper.__name__, scope="session")
+    def fixture():
+        return helper
+
+    return fixture
+
+
+# The helpers as fixtures of the same names (the module-level functions stay for code that still imports them).
+for _helper in (synthetic_photo, make_class_folder, write_bad_files, png_with_size, run_cli):
+    globals()[f"_{_helper.__name__}_fixture"] = _as_fixture(_helper)

@@ -5,9 +5,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NO_CUDA, cuda_available
 
-from catdogcnn import kernels
 from catdogcnn.augment import PRESETS, AugmentConfig, _affine_grid, _warp_cpu, augment_batch, mix_batch, parse_augment
 
 # Each augmentation switched on alone, at a typical strength.
@@ -87,7 +85,7 @@ def test_affine_grid_matches_torch():
         torch.testing.assert_close(_affine_grid(theta, height, width), expected)
 
 
-@pytest.mark.skipif(kernels.library() is None, reason="no C compiler to build the CPU warp (grid_sample is used)")
+@pytest.mark.usefixtures("cpu_kernels")
 def test_cpu_warp_matches_grid_sample():
     """Identity, mirror, shear, zoom in and out (past the border), crops and random maps; any input layout."""
     g = torch.Generator().manual_seed(0)
@@ -133,7 +131,7 @@ def test_parse_augment():
             parse_augment(bad)
 
 
-@pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_gpu_batch_is_augmented_as_on_the_cpu(name):
     """The random draws stay on the CPU generator, so a seed gives the same augmentation on either device."""

@@ -6,15 +6,27 @@ import math
 
 import numpy as np
 
-from catdogcnn.calibration import expected_calibration_error, fit_temperature, log_loss, probabilities_from_logits
+from catdogcnn.calibration import (
+    decide,
+    expected_calibration_error,
+    fit_temperature,
+    log_loss,
+    one_vs_rest,
+    probabilities_from_logits,
+    reliability,
+)
 
 
 def test_log_loss_of_certain_and_even_answers():
     y = np.array([0, 1])
     certain = log_loss(y, np.array([[1.0, 0.0], [0.0, 1.0]]))
-    assert certain == 0 and math.copysign(1, certain) == 1  # not -0.0, which prints as "-0.0000"
+    assert 0 <= certain < 1e-15 and f"{certain:.4f}" == "0.0000"  # never -0.0, which prints as "-0.0000"
     assert math.isclose(log_loss(y, np.full((2, 2), 0.5)), math.log(2))
-    assert math.isclose(log_loss(y, np.array([[0.0, 1.0], [0.0, 1.0]])), -math.log(1e-12) / 2)  # clipped
+    # A certain wrong answer costs -log(machine epsilon), not infinity
+    wrong = log_loss(y, np.array([[0.0, 1.0], [0.0, 1.0]]))
+    assert math.isclose(wrong, -math.log(np.finfo(np.float64).eps) / 2)
+    assert math.isclose(log_loss(np.array([1, 1]), np.array([[0.3, 0.7], [0.6, 0.4]])),
+                        -(math.log(0.7) + math.log(0.4)) / 2)  # a class absent from y is still a column of p
 
 
 def test_temperature_fixes_an_overconfident_model():
@@ -27,3 +39,29 @@ def test_temperature_fixes_an_overconfident_model():
     before = expected_calibration_error(y, probabilities_from_logits(overconfident))
     after = expected_calibration_error(y, probabilities_from_logits(overconfident / t))
     assert after < before / 2
+
+
+def test_two_classes_decide_by_threshold_more_by_the_largest():
+    two = np.array([[0.45, 0.55], [0.3, 0.7], [0.9, 0.1]])
+    assert decide(two, 0.5).tolist() == [1, 1, 0] and decide(two, 0.6).tolist() == [0, 1, 0]
+    three = np.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    assert decide(three, 0.99).tolist() == [2, 0]
+
+
+def test_one_vs_rest_speaks_of_the_second_of_two_classes_and_of_each_of_more():
+    y = np.array([0, 1, 2])
+    three = np.eye(3)
+    assert [k for k, _, _ in one_vs_rest(y, three)] == [0, 1, 2]
+    ((k, truth, score),) = one_vs_rest(np.array([0, 1]), np.array([[0.8, 0.2], [0.4, 0.6]]))
+    assert k == 1 and truth.tolist() == [False, True] and score.tolist() == [0.2, 0.6]
+
+
+def test_ece_is_the_gap_the_reliability_bins_show():
+    """One binning for the number and the plot: bins from 1/C to 1, each weighted by its share of photos."""
+    y = np.array([1, 1, 0, 1])
+    p = np.array([[0.45, 0.55], [0.4, 0.6], [0.02, 0.98], [0.01, 0.99]])
+    bins = reliability(y, p, bins=5)  # edges 0.5, 0.6, 0.7, 0.8, 0.9, 1.0
+    assert bins.share.tolist() == [0.25, 0.25, 0.5]
+    assert np.allclose(bins.confidence, [0.55, 0.6, 0.985]) and bins.accuracy.tolist() == [1.0, 1.0, 0.5]
+    expected = 0.25 * 0.45 + 0.25 * 0.4 + 0.5 * 0.485
+    assert math.isclose(expected_calibration_error(y, p, bins=5), expected)

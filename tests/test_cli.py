@@ -5,58 +5,57 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
-from conftest import make_class_folder, write_bad_files
+from PIL import Image
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("catdogcnn") or sys.executable
-    prefix = [exe] if exe.endswith("catdogcnn") else [exe, "-m", "catdogcnn"]
-    return subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def test_predict_formats_and_exit_code(tiny_bundle, tmp_path):
+def test_predict_formats_and_exit_code(tiny_bundle, tmp_path, make_class_folder, run_cli):
     make_class_folder(tmp_path / "photos", 3)
-    table = run("predict", tmp_path / "photos", "--model", tiny_bundle)
+    table = run_cli("predict", tmp_path / "photos", "--model", tiny_bundle)
     assert table.returncode == 0, table.stderr
     assert len(table.stdout.splitlines()) == 6
-    rows = list(csv.DictReader(io.StringIO(run("predict", tmp_path / "photos", "--model", tiny_bundle,
-                                               "--format", "csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(run_cli("predict", tmp_path / "photos", "--model", tiny_bundle,
+                                                   "--format", "csv").stdout)))
     assert len(rows) == 6 and {"path", "label", "confidence", "p_cats", "p_dogs"} <= set(rows[0])
-    lines = run("predict", tmp_path / "photos", "--model", tiny_bundle, "--format", "json").stdout.splitlines()
+    lines = run_cli("predict", tmp_path / "photos", "--model", tiny_bundle, "--format", "json").stdout.splitlines()
     assert all(json.loads(line)["label"] in ("cats", "dogs") for line in lines)
 
 
-def test_predict_reports_each_bad_file_and_exits_1(tiny_bundle, tmp_path):
+def test_predict_reports_each_bad_file_and_exits_1(tiny_bundle, tmp_path, make_class_folder, write_bad_files, run_cli):
     make_class_folder(tmp_path / "photos", 2)
     bad = write_bad_files(tmp_path / "photos" / "dogs")
-    result = run("predict", tmp_path / "photos", "--model", tiny_bundle)
+    result = run_cli("predict", tmp_path / "photos", "--model", tiny_bundle)
     assert result.returncode == 1
     assert len(result.stdout.splitlines()) == 4
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == len(bad) and all(any(name in e for e in errors) for name in bad)
 
 
-def test_seed_threshold_rule(tiny_bundle, tmp_path):
-    make_class_folder(tmp_path / "photos", 3)
-    rows = [json.loads(line) for line in run("predict", tmp_path / "photos", "--model", tiny_bundle,
-                                             "--threshold", "0.6", "--format", "json").stdout.splitlines()]
-    assert all((r["label"] == "dogs") == (r["probabilities"]["dogs"] > 0.6) for r in rows)
+def test_seed_threshold_rule(brightness_bundle, tmp_path, run_cli):
+    """This bundle's p(dogs) is the photo's brightness: 0.55 is a dog at its threshold 0.5, a cat at the seed's 0.6."""
+    for name, level in (("dim", 100), ("between", 140), ("bright", 200)):
+        Image.new("RGB", (40, 40), (level,) * 3).save(tmp_path / f"{name}.png")
+
+    def labels(*options: str) -> dict[str, str]:
+        result = run_cli("predict", tmp_path, "--model", brightness_bundle, "--format", "json", *options)
+        assert result.returncode == 0, result.stderr
+        return {Path(r["source"]).stem: r["label"] for r in map(json.loads, result.stdout.splitlines())}
+
+    assert labels() == {"dim": "cats", "between": "dogs", "bright": "dogs"}
+    assert labels("--threshold", "0.6") == {"dim": "cats", "between": "cats", "bright": "dogs"}
 
 
-def test_user_errors_are_one_line(tmp_path):
-    result = run("predict", tmp_path / "x.jpg", "--model", tmp_path / "nowhere")
+def test_user_errors_are_one_line(tmp_path, run_cli):
+    result = run_cli("predict", tmp_path / "x.jpg", "--model", tmp_path / "nowhere")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no model bundle" in result.stderr
-    result = run("evaluate", tmp_path)
+    result = run_cli("evaluate", tmp_path)
     assert result.returncode == 2 and "no class sub-folders" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_evaluate_json(tiny_bundle, seed_layout):
-    result = run("evaluate", seed_layout, "--model", tiny_bundle, "--json")
+def test_evaluate_json(tiny_bundle, seed_layout, run_cli):
+    result = run_cli("evaluate", seed_layout, "--model", tiny_bundle, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["n"] == 60 and report["classes"] == ["cats", "dogs"]
@@ -64,47 +63,48 @@ def test_evaluate_json(tiny_bundle, seed_layout):
     assert sum(map(sum, report["confusion_matrix"])) == 60
 
 
-def test_data_check(seed_layout):
+def test_data_check(seed_layout, write_bad_files, run_cli):
     write_bad_files(seed_layout / "training_set" / "cats")
-    report = json.loads(run("data", "check", seed_layout, "--json").stdout)
+    report = json.loads(run_cli("data", "check", seed_layout, "--json").stdout)
     assert report["counts"]["train"] == {"cats": 80, "dogs": 80}
     assert len(report["bad_files"]) == 5
 
 
-def test_train_command(seed_layout, tmp_path):
-    result = run("train", seed_layout, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "32",
+@pytest.mark.slow
+def test_train_command(seed_layout, tmp_path, run_cli):
+    result = run_cli("train", seed_layout, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "32",
                  "--augment", "none")
     assert result.returncode == 0, result.stderr
     assert "epoch   1/1" in result.stderr and (tmp_path / "run" / "bundle" / "bundle.json").exists()
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"epochs": 1, "lr": 0.0005}))
-    result = run("train", seed_layout, "--out", tmp_path / "run2", "--config", config)
+    result = run_cli("train", seed_layout, "--out", tmp_path / "run2", "--config", config)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "run2" / "bundle" / "bundle.json").read_text())
     assert meta["training"]["config"]["lr"] == 0.0005
 
 
-def test_predict_reports_an_empty_folder(tiny_bundle, tmp_path):
+def test_predict_reports_an_empty_folder(tiny_bundle, tmp_path, make_class_folder, run_cli):
     make_class_folder(tmp_path / "photos", 1)
     (tmp_path / "empty").mkdir()
-    result = run("predict", tmp_path / "photos", tmp_path / "empty", "--model", tiny_bundle)
+    result = run_cli("predict", tmp_path / "photos", tmp_path / "empty", "--model", tiny_bundle)
     assert result.returncode == 1
     assert len(result.stdout.splitlines()) == 2  # the photos still print
     assert f"error: {tmp_path / 'empty'}: no files in this folder" in result.stderr
     assert "1 folder(s) had no files" in result.stderr and "could not be read" not in result.stderr
 
 
-def test_predict_refuses_a_threshold_outside_0_1(tiny_bundle, tmp_path):
+def test_predict_refuses_a_threshold_outside_0_1(tiny_bundle, tmp_path, make_class_folder, run_cli):
     make_class_folder(tmp_path / "photos", 1)
-    result = run("predict", tmp_path / "photos", "--model", tiny_bundle, "--threshold", "1.5")
+    result = run_cli("predict", tmp_path / "photos", "--model", tiny_bundle, "--threshold", "1.5")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: threshold must be between 0 and 1, not 1.5\n"
 
 
 @pytest.mark.parametrize("option", ["--batch-size", "--threads"])
-def test_predict_refuses_counts_below_1(tiny_bundle, tmp_path, option):
+def test_predict_refuses_counts_below_1(tiny_bundle, tmp_path, option, make_class_folder, run_cli):
     make_class_folder(tmp_path / "photos", 1)
-    result = run("predict", tmp_path / "photos", "--model", tiny_bundle, option, "0")
+    result = run_cli("predict", tmp_path / "photos", "--model", tiny_bundle, option, "0")
     assert result.returncode == 2 and result.stdout == "" and option in result.stderr
 
 
@@ -112,7 +112,7 @@ def test_predict_refuses_counts_below_1(tiny_bundle, tmp_path, option):
                                           (("train", "DATA", "--nproc", "0"), "--nproc"),
                                           (("data", "split", "DATA", "--dest", "OUT", "--train", "0"), "--train"),
                                           (("serve", "--max-batch", "0"), "--max-batch")])
-def test_counts_below_their_minimum_are_refused(tmp_path, args, option):
+def test_counts_below_their_minimum_are_refused(tmp_path, args, option, run_cli):
     args = [str(tmp_path / a) if a in ("DATA", "OUT") else a for a in args]
-    result = run(*args)
+    result = run_cli(*args)
     assert result.returncode == 2 and option in result.stderr

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_class_folder, synthetic_photo, write_bad_files
 from PIL import Image
 
 from catdogcnn import data as D
@@ -18,13 +17,13 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def test_decode_resizes_to_rgb_uint8():
+def test_decode_resizes_to_rgb_uint8(synthetic_photo):
     arr = D.decode_image(encode(synthetic_photo(0, np.random.default_rng(0), 100), "JPEG"), 64)
     assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1"])
-def test_every_mode_becomes_rgb(mode):
+def test_every_mode_becomes_rgb(mode, synthetic_photo):
     img = synthetic_photo(1, np.random.default_rng(1), 32)
     grey16 = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
     img = grey16 if mode == "I;16" else img.convert(mode)
@@ -56,22 +55,35 @@ def test_exif_orientation_is_applied():
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "GIF", "WEBP"])
-def test_jpg_name_with_other_format_inside(tmp_path, fmt):
+def test_jpg_name_with_other_format_inside(tmp_path, fmt, synthetic_photo):
     path = tmp_path / "photo.jpg"
     path.write_bytes(encode(synthetic_photo(0, np.random.default_rng(2), 48), fmt))
     assert D.decode_image(path, 32).shape == (32, 32, 3)
 
 
-def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch, synthetic_photo):
+    """decode_image asks Pillow for draft mode: a 2048 px JPEG is decoded at 1/8 scale for a 64 px answer, except
+    with nearest resampling, which must see every pixel (as Keras does)."""
+    from PIL import JpegImagePlugin
+
     path = tmp_path / "big.jpg"
     synthetic_photo(0, np.random.default_rng(3), 2048).save(path, quality=85)
-    img = Image.open(path)
-    img.draft("RGB", (64, 64))
-    assert img.size[0] <= 512  # draft mode is what decode_image relies on
+    decoded_at = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def recording_load(self):
+        decoded_at.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
     assert D.decode_image(path, 64).shape == (64, 64, 3)
+    assert decoded_at[0] == (256, 256)
+    decoded_at.clear()
+    assert D.decode_image(path, 64, "nearest").shape == (64, 64, 3)
+    assert decoded_at[0] == (2048, 2048)
 
 
-def test_bad_files_each_get_a_one_line_reason(tmp_path):
+def test_bad_files_each_get_a_one_line_reason(tmp_path, write_bad_files):
     expected = write_bad_files(tmp_path)
     for name, word in expected.items():
         with pytest.raises(D.BadImageError) as info:
@@ -80,7 +92,7 @@ def test_bad_files_each_get_a_one_line_reason(tmp_path):
         assert "\n" not in message and name in message and word in message, message
 
 
-def test_unreadable_file_is_reported(tmp_path, monkeypatch):
+def test_unreadable_file_is_reported(tmp_path, monkeypatch, synthetic_photo):
     path = tmp_path / "locked.jpg"
     path.write_bytes(encode(synthetic_photo(0, np.random.default_rng(4), 16), "JPEG"))
     path.chmod(0)
@@ -93,7 +105,7 @@ def test_unreadable_file_is_reported(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX feature")
-def test_a_named_pipe_is_reported_not_waited_on(tmp_path):
+def test_a_named_pipe_is_reported_not_waited_on(tmp_path, make_class_folder):
     make_class_folder(tmp_path, 2)
     os.mkfifo(tmp_path / "dogs" / "pipe.jpg")  # no writer: a plain open() would wait forever
     with pytest.raises(D.BadImageError, match="not a regular file"):
@@ -104,7 +116,7 @@ def test_a_named_pipe_is_reported_not_waited_on(tmp_path):
     assert D.file_digests([tmp_path / "dogs" / "pipe.jpg"]) == [None]
 
 
-def test_load_images_skips_and_reports_bad_files(tmp_path, caplog):
+def test_load_images_skips_and_reports_bad_files(tmp_path, caplog, make_class_folder, write_bad_files):
     make_class_folder(tmp_path, 6)
     expected = write_bad_files(tmp_path / "dogs")
     classes, samples = D.scan_folder(tmp_path)
@@ -116,7 +128,7 @@ def test_load_images_skips_and_reports_bad_files(tmp_path, caplog):
     assert len(reported) == len(expected)  # each reported once
 
 
-def test_cache_is_reused_and_memory_mapped(tmp_path, monkeypatch):
+def test_cache_is_reused_and_memory_mapped(tmp_path, monkeypatch, make_class_folder):
     make_class_folder(tmp_path / "photos", 5)
     classes, samples = D.scan_folder(tmp_path / "photos")
     first = D.load_images(samples, classes, 32, cache_dir=tmp_path / "cache")
@@ -127,7 +139,7 @@ def test_cache_is_reused_and_memory_mapped(tmp_path, monkeypatch):
     assert second.paths == first.paths and (second.labels == first.labels).all()
 
 
-def test_cache_notices_a_changed_file(tmp_path):
+def test_cache_notices_a_changed_file(tmp_path, make_class_folder):
     make_class_folder(tmp_path / "photos", 3)
     classes, samples = D.scan_folder(tmp_path / "photos")
     first = D.load_images(samples, classes, 16, cache_dir=tmp_path / "cache")
@@ -137,7 +149,7 @@ def test_cache_notices_a_changed_file(tmp_path):
     assert not np.array_equal(first.images[0], second.images[0])
 
 
-def test_layouts_and_stratified_split(tmp_path, seed_layout):
+def test_layouts_and_stratified_split(tmp_path, seed_layout, make_class_folder):
     assert set(D.resolve_splits(seed_layout)) == {"train", "test"}
     assert D.evaluation_folder(seed_layout) == seed_layout / "test_set"
     plain = make_class_folder(tmp_path / "plain", 10, classes=("ant", "bee", "cow"))
@@ -155,29 +167,6 @@ def test_layouts_and_stratified_split(tmp_path, seed_layout):
 def test_folder_without_classes_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no class sub-folders"):
         D.resolve_splits(tmp_path)
-
-
-def test_check_finds_duplicates_leakage_and_conflicts(tmp_path, seed_layout):
-    train, test = seed_layout / "training_set", seed_layout / "test_set"
-    (test / "cats" / "leak.jpg").write_bytes((train / "cats" / "cats.0.jpg").read_bytes())
-    (train / "dogs" / "conflict.jpg").write_bytes((train / "cats" / "cats.1.jpg").read_bytes())
-    (train / "cats" / "twin.jpg").write_bytes((train / "cats" / "cats.2.jpg").read_bytes())
-    synthetic_photo(0, np.random.default_rng(9), 64).save(train / "cats" / "near_a.png")
-    Image.open(train / "cats" / "near_a.png").resize((80, 80)).save(train / "cats" / "near_b.png")
-    write_bad_files(train / "dogs")
-    report = D.check_dataset(seed_layout, cache_dir=tmp_path / "cache")
-    kinds = sorted(p.kind for p in report.exact_duplicates)
-    assert kinds == ["across classes (label conflict)", "across splits (leakage)", "within split"]
-    assert any({Path(p.a).name, Path(p.b).name} == {"near_a.png", "near_b.png"} for p in report.near_duplicates)
-    assert len(report.bad) == 5
-    assert report.counts["test"] == {"cats": 31, "dogs": 30}
-
-
-def test_check_finds_the_13_known_pairs(real_data):
-    report = D.check_dataset(real_data)
-    pairs = {frozenset(Path(x).stem for x in (p.a, p.b)) for p in report.exact_duplicates}
-    assert len(report.exact_duplicates) == 13
-    assert frozenset({"cat.4435", "cat.3411"}) in pairs and frozenset({"cat.8456", "dog.8736"}) in pairs
 
 
 def test_a_file_too_large_for_a_photo_is_refused_unread(tmp_path):

@@ -9,21 +9,17 @@ import threading
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import synthetic_photo
 from PIL import Image
 
 from catdogcnn.download import DownloadError, download, split
 
 
-def jpeg(seed: int, mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    synthetic_photo(seed % 2, np.random.default_rng(seed), 40).convert(mode).save(buffer, "JPEG")
-    return buffer.getvalue()
+@pytest.fixture(scope="module")
+def archive(jpeg_bytes) -> bytes:
+    def jpeg(seed: int, mode: str = "RGB") -> bytes:
+        return jpeg_bytes(seed, 40, mode)
 
-
-def archive() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as z:
         for i in range(12):
@@ -73,8 +69,8 @@ class Server:
 
 
 @pytest.fixture
-def server():
-    s = Server(archive())
+def server(archive):
+    s = Server(archive)
     yield s
     s.close()
 

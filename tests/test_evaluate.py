@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_class_folder, write_bad_files
 
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
 
 
-def test_metrics_agree_with_the_predictions(tiny_bundle, tmp_path):
+def test_metrics_agree_with_the_predictions(tiny_bundle, tmp_path, make_class_folder, write_bad_files):
     make_class_folder(tmp_path, 10)
     write_bad_files(tmp_path / "cats")
     clf = Classifier(tiny_bundle)
@@ -21,7 +20,7 @@ def test_metrics_agree_with_the_predictions(tiny_bundle, tmp_path):
     assert result["per_class"]["cats"]["support"] == 10
 
 
-def test_unknown_class_folder_is_an_error(tiny_bundle, tmp_path):
+def test_unknown_class_folder_is_an_error(tiny_bundle, tmp_path, make_class_folder):
     make_class_folder(tmp_path, 2, classes=("cats", "horses"))
     with pytest.raises(ValueError, match="horses"):
         evaluate(tmp_path, Classifier(tiny_bundle))
@@ -29,7 +28,7 @@ def test_unknown_class_folder_is_an_error(tiny_bundle, tmp_path):
 
 def test_seed_cnn_bundle_on_the_real_test_set(real_data):
     """The shipped seed CNN bundle, measured: the seed reported 80.40%; it must be in that range."""
-    from catdogcnn.predict import bundled_models_dir
+    from catdogcnn.bundle import bundled_models_dir
 
     result = evaluate(real_data, Classifier(bundled_models_dir() / "seed_cnn"))
     assert result["n"] == 2000

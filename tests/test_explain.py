@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from catdogcnn.bundle import BundleError, bundled_models_dir
 from catdogcnn.explain import colorize, explain, explain_to_folder, overlay, png_data_url
-from catdogcnn.predict import BundleError, Classifier, bundled_models_dir
+from catdogcnn.predict import Classifier
 
 
 def test_colour_ramp_runs_dark_to_bright():

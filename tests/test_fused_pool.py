@@ -1,17 +1,15 @@
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catdogcnn import kernels
+from catdogcnn.accel import kernels
 from catdogcnn.models import build_model, fused_pool
 from catdogcnn.models.fused_pool import max_pool_relu
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the fused kernel")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 CL = torch.channels_last
 
@@ -67,10 +65,6 @@ def test_seed_cnn_trains_through_the_fused_kernel_as_through_torch_layers():
         assert torch.equal(ours, expected)
 
 
-needs_bf16_dot = pytest.mark.skipif(not kernels.conv_pool_supported(), reason="this CPU has no AVX-512 BF16 dot "
-                                    "products for the fused convolution (training uses torch's convolution there)")
-
-
 def _conv_case(n: int, h: int, w: int, filters: int, seed: int) -> tuple[torch.Tensor, nn.Conv2d]:
     g = torch.Generator().manual_seed(seed)
     conv = nn.Conv2d(3, filters, 3)
@@ -86,7 +80,7 @@ def _fused(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         return fused_pool.conv_max_pool_relu(x, conv)
 
 
-@needs_bf16_dot
+@pytest.mark.usefixtures("bf16_conv_kernel")
 @pytest.mark.parametrize(("n", "h", "w", "filters"), [(2, 64, 64, 32), (3, 11, 9, 16), (1, 4, 5, 48)])
 def test_fused_convolution_equals_the_exact_layers_on_bf16_inputs(n, h, w, filters):
     """Against float64 on the same bf16-rounded photos and weights (the bias stays fp32): outputs to within bf16
@@ -107,7 +101,7 @@ def test_fused_convolution_equals_the_exact_layers_on_bf16_inputs(n, h, w, filte
         assert (mine.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@needs_bf16_dot
+@pytest.mark.usefixtures("bf16_conv_kernel")
 def test_fused_convolution_reads_any_layout_and_its_gradient_does_not_depend_on_threads():
     x, conv = _conv_case(6, 20, 20, 32, seed=3)
     grad = torch.randn(6, 32, 9, 9, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
@@ -126,7 +120,7 @@ def test_fused_convolution_reads_any_layout_and_its_gradient_does_not_depend_on_
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
-@needs_bf16_dot
+@pytest.mark.usefixtures("bf16_conv_kernel")
 def test_seed_cnn_trains_its_first_layers_through_the_fused_convolution():
     torch.manual_seed(0)
     model = build_model("seed_cnn", 2).to(memory_format=CL).train()

@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import NO_CUDA, cuda_available
 
 from catdogcnn.models import REGISTRY, build_model, logits_to_probabilities
 from catdogcnn.models.efficientnet_lite import (
@@ -39,8 +38,7 @@ def test_byte_dropout_keeps_the_right_share_and_the_mean():
             ByteDropout(p)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_available(),
-                                                                                      reason=NO_CUDA))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_byte_dropout_on_a_channels_last_map_keeps_its_layout_and_share(device):
     x = torch.ones(64, 32, 14, 14, device=device).contiguous(memory_format=torch.channels_last)
     layer = ByteDropout(0.25).train()
@@ -111,6 +109,7 @@ def test_imagenet_weights_load_strictly(variant):
     assert isinstance(model, EfficientNetLite) and model._bn0.eps == 1e-3
 
 
+@pytest.mark.slow
 def test_imagenet_head_tells_cats_from_dogs(real_data):
     """A broken port (padding, eps, normalisation) fails this: the ImageNet head alone gets ~89%."""
     from catdogcnn.data import decode_many, scan_folder
@@ -127,7 +126,7 @@ def test_imagenet_head_tells_cats_from_dogs(real_data):
     assert accuracy >= 0.85, accuracy
 
 
-@pytest.mark.skipif(not cuda_available(), reason=NO_CUDA)
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["seed_cnn", "resnet_small", "efficientnet_lite0"])
 def test_every_architecture_computes_on_the_gpu_as_on_the_cpu(name, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions round to 10-bit mantissas

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -13,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, real_data_dir, synthetic_photo
 
 CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(os.environ.get("CATDOGCNN_ARTIFACTS", ROOT / "artifacts"))
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run"]
 
@@ -60,28 +57,29 @@ def browser():
         b.close()
 
 
-def a_photo(tmp_path: Path) -> Path:
-    data = real_data_dir()
-    if data:
-        return data / "test_set" / "dogs" / "dog.4008.jpg"
+@pytest.fixture
+def a_photo(tmp_path, synthetic_photo, real_data_if_present) -> tuple[Path, str | None]:
+    """A real dog when the real photos are here, else a synthetic photo; and the label it must get (None: any)."""
+    if real_data_if_present:
+        return real_data_if_present / "test_set" / "dogs" / "dog.4008.jpg", "dog"
     path = tmp_path / "photo.jpg"
     synthetic_photo(1, np.random.default_rng(0), 180).save(path)
-    return path
+    return path, None
 
 
-def test_upload_shows_the_label(server, browser, tmp_path):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+def test_upload_shows_the_label(server, browser, a_photo, artifacts):
+    photo, expected = a_photo
     page = browser.new_page()
     page.goto(server)
     assert page.title().startswith("catdogcnn")
-    page.set_input_files("#files", str(a_photo(tmp_path)))
+    page.set_input_files("#files", str(photo))
     label = page.wait_for_selector(".card .label", timeout=30_000)
     assert label.inner_text().lower() in ("cat", "dog", "neither")
-    if real_data_dir():
-        assert label.inner_text().lower() == "dog"
+    if expected:
+        assert label.inner_text().lower() == expected
     assert page.get_attribute(".card .bar", "role") == "meter"
     page.wait_for_selector("#model:not(:has-text('Loading'))")
-    page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+    page.screenshot(path=str(artifacts / "page.png"), full_page=True)
     page.close()
 
 
@@ -96,7 +94,7 @@ def test_rejected_file_gets_a_clear_message(server, browser, tmp_path):
     page.close()
 
 
-def test_phone_screen_and_keyboard(server, browser, tmp_path):
+def test_phone_screen_and_keyboard(server, browser, a_photo, artifacts):
     page = browser.new_page(viewport={"width": 375, "height": 667})
     page.goto(server)
     page.wait_for_function("document.getElementById('model').textContent.startsWith('Model')")  # script ran
@@ -108,7 +106,7 @@ def test_phone_screen_and_keyboard(server, browser, tmp_path):
                   " window.pickerOpened = true; e.preventDefault(); })")
     page.keyboard.press("Enter")
     assert page.evaluate("window.pickerOpened === true")
-    page.set_input_files("#files", str(a_photo(tmp_path)))
+    page.set_input_files("#files", str(a_photo[0]))
     page.wait_for_selector(".card .label", timeout=30_000)
-    page.screenshot(path=str(ARTIFACTS / "page_phone.png"), full_page=True)
+    page.screenshot(path=str(artifacts / "page_phone.png"), full_page=True)
     page.close()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, make_class_folder
 
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
@@ -26,7 +25,7 @@ def check_report(html_path, result):
     assert str(result["n"]) in html
 
 
-def test_report_on_a_synthetic_set(tiny_bundle, tmp_path):
+def test_report_on_a_synthetic_set(tiny_bundle, tmp_path, make_class_folder):
     make_class_folder(tmp_path / "data", 12)
     clf = Classifier(tiny_bundle)
     result = evaluate(tmp_path / "data", clf, details=True)
@@ -37,8 +36,10 @@ def test_report_on_a_synthetic_set(tiny_bundle, tmp_path):
     assert json.loads(cli.stdout)["accuracy"] == result["accuracy"]
 
 
-def test_report_on_the_real_test_set_in_a_browser(real_data, tmp_path):
-    from catdogcnn.predict import bundled_models_dir
+@pytest.mark.slow
+@pytest.mark.browser
+def test_report_on_the_real_test_set_in_a_browser(real_data, tmp_path, artifacts):
+    from catdogcnn.bundle import bundled_models_dir
 
     clf = Classifier(bundled_models_dir() / "default")
     result = evaluate(real_data, clf, details=True)
@@ -48,8 +49,6 @@ def test_report_on_the_real_test_set_in_a_browser(real_data, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     if not shutil.which("/usr/bin/chromium"):
         pytest.skip("/usr/bin/chromium not installed")
-    artifacts = ROOT / "artifacts"
-    artifacts.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page()

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import io
+import asyncio
+import types
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-from conftest import png_with_size, synthetic_photo
 from fastapi.testclient import TestClient
 
+from catdogcnn import serve
 from catdogcnn.predict import Classifier
-from catdogcnn.serve import ServeConfig, create_app
+from catdogcnn.serve import STATIC, ServeConfig, create_app
 
 
-def jpeg(seed: int = 0, size: int = 96) -> bytes:
-    buf = io.BytesIO()
-    synthetic_photo(seed % 2, np.random.default_rng(seed), size).save(buf, "JPEG")
-    return buf.getvalue()
+@pytest.fixture(scope="session")
+def jpeg(jpeg_bytes):
+    return jpeg_bytes
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def post(client, *files):
     return client.post("/v1/predict", files=[("files", f) for f in files])
 
 
-def test_predict_one_photo(client):
+def test_predict_one_photo(client, jpeg):
     r = post(client, ("cat.jpg", jpeg(), "image/jpeg"))
     assert r.status_code == 200
     body = r.json()
@@ -40,7 +39,7 @@ def test_predict_one_photo(client):
     assert body["model_id"].startswith("seed_cnn-")
 
 
-def test_a_bad_photo_does_not_spoil_the_others(client):
+def test_a_bad_photo_does_not_spoil_the_others(client, jpeg):
     r = post(client, ("a.jpg", jpeg(1), "image/jpeg"), ("notes.txt", b"hello", "text/plain"),
              ("b.jpg", jpeg(2), "image/jpeg"))
     assert r.status_code == 200
@@ -48,20 +47,22 @@ def test_a_bad_photo_does_not_spoil_the_others(client):
     assert a["label"] and b["label"] and notes["error"]["status"] == 415 and "notes.txt" in notes["error"]["message"]
 
 
-@pytest.mark.parametrize(("content", "status", "words"), [
-    (b"just some text", 415, "not an image"),
-    (b"", 422, "empty"),
-    (jpeg(3)[:300], 422, "truncated"),
-    (png_with_size(40_000, 40_000), 422, "decompression bomb"),
-    (b"\xff\xd8" + bytes(600_000), 413, "upload limit"),
+@pytest.mark.parametrize(("kind", "status", "words"), [
+    ("text", 415, "not an image"),
+    ("empty", 422, "empty"),
+    ("truncated", 422, "truncated"),
+    ("bomb", 422, "decompression bomb"),
+    ("too large", 413, "upload limit"),
 ])
-def test_errors_have_their_status_and_a_message(client, content, status, words):
+def test_errors_have_their_status_and_a_message(client, jpeg, png_with_size, kind, status, words):
+    content = {"text": lambda: b"just some text", "empty": lambda: b"", "truncated": lambda: jpeg(3)[:300],
+               "bomb": lambda: png_with_size(40_000, 40_000), "too large": lambda: b"\xff\xd8" + bytes(600_000)}[kind]()
     r = post(client, ("x.jpg", content, "image/jpeg"))
     assert r.status_code == status
     assert words in r.json()["error"]["message"]
 
 
-def test_too_many_files(client):
+def test_too_many_files(client, jpeg):
     r = post(client, *[(f"{i}.jpg", jpeg(i), "image/jpeg") for i in range(5)])
     assert r.status_code == 413 and "limit is 4" in r.json()["error"]["message"]
 
@@ -77,10 +78,40 @@ def test_oversized_request_is_refused_before_reading(client):
     assert r.status_code == 413
 
 
-def test_file_names_are_never_paths(client, tmp_path):
+def test_file_names_are_never_paths(client, jpeg):
     r = post(client, ("../../../../etc/passwd", jpeg(4), "image/jpeg"))
     assert r.status_code == 200 and r.json()["results"][0]["filename"] == "../../../../etc/passwd"
-    assert client.get("/static/../../predict.py").status_code == 404
+
+
+def raw_get(app, path: str) -> tuple[int, bytes]:
+    """GET `path` exactly as written (no client in between to tidy away `..`), straight through the ASGI app."""
+    sent: list[dict] = []
+    requests = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # the client stays connected until the answer is sent
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"localhost")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_static_files_never_leave_their_folder(tiny_bundle):
+    app = create_app(tiny_bundle)
+    assert raw_get(app, "/static/app.js")[0] == 200  # the raw request reaches the static files
+    assert (STATIC / ".." / "predict.py").is_file()  # what the climbs below would name
+    for path in ("/static/../predict.py", "/static/../../catdogcnn/predict.py", "/static/%2e%2e/predict.py",
+                 "/static/..%2fpredict.py"):
+        status, body = raw_get(app, path)
+        assert status == 404 and b"Classifier" not in body, path
 
 
 def test_health_and_model(client):
@@ -101,7 +132,7 @@ def test_page_and_docs(client):
     assert client.get("/nowhere").json()["error"]["status"] == 404
 
 
-def test_concurrent_requests_are_batched(tiny_bundle, monkeypatch):
+def test_concurrent_requests_are_batched(tiny_bundle, monkeypatch, jpeg):
     calls = []
     original = Classifier.predict_decoded
 
@@ -116,17 +147,62 @@ def test_concurrent_requests_are_batched(tiny_bundle, monkeypatch):
     assert sum(calls) == 8 and max(calls) > 1, calls  # at least some photos shared a model call
 
 
-def test_serve_command_binds_loopback_by_default():
+@pytest.mark.parametrize(("options", "host"), [((), "127.0.0.1"), (("--host", "0.0.0.0"), "0.0.0.0")])
+def test_serve_command_binds_loopback_unless_told(tiny_bundle, monkeypatch, options, host):
+    import uvicorn
     from typer.testing import CliRunner
 
     from catdogcnn.cli import app
 
-    help_text = CliRunner().invoke(app, ["serve", "--help"]).output
-    assert "127.0.0.1" in help_text
+    bound = []
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kwargs: bound.append(kwargs))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_bundle), "--port", "8123", *options])
+    assert result.exit_code == 0, result.output
+    assert [(b["host"], b["port"]) for b in bound] == [(host, 8123)]
+
+
+def asyncio_before_3_11(wait_for_error: type[BaseException] | None = None) -> types.SimpleNamespace:
+    """The asyncio module as Python 3.10 had it: `asyncio.TimeoutError` a class of its own, not the builtin
+    TimeoutError, and the one `wait_for` raises on timeout (or `wait_for_error`, to stand for a bug)."""
+    class AsyncioTimeoutError(Exception):
+        pass
+
+    async def wait_for(awaitable, timeout):
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError:
+            raise (wait_for_error or AsyncioTimeoutError)() from None
+
+    return types.SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio) if not name.startswith("_")}
+                                 | {"TimeoutError": AsyncioTimeoutError, "wait_for": wait_for})
+
+
+def post_within(client, seconds: float, *files):
+    """`post`, failing the test instead of hanging when no answer comes."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(post, client, *files).result(timeout=seconds)
+
+
+def test_the_batcher_survives_the_timeout_of_python_before_3_11(tiny_bundle, jpeg, monkeypatch):
+    """Where asyncio.wait_for's timeout is not the builtin TimeoutError, the batcher once died on its first batch
+    and every request after hung."""
+    monkeypatch.setattr(serve, "asyncio", asyncio_before_3_11())
+    with TestClient(create_app(tiny_bundle, ServeConfig(batch_wait_ms=20))) as c:
+        for i in range(3):
+            r = post_within(c, 30, (f"{i}.jpg", jpeg(i), "image/jpeg"))
+            assert r.status_code == 200 and r.json()["results"][0]["label"] in ("cats", "dogs")
+
+
+def test_requests_get_503_not_silence_when_the_batcher_dies(tiny_bundle, jpeg, monkeypatch):
+    monkeypatch.setattr(serve, "asyncio", asyncio_before_3_11(wait_for_error=RuntimeError))
+    with TestClient(create_app(tiny_bundle, ServeConfig(batch_wait_ms=20))) as c:
+        for i in range(2):  # the request in the batch when it died, and one after
+            r = post_within(c, 30, (f"{i}.jpg", jpeg(i), "image/jpeg"))
+            assert r.status_code == 503 and "model worker has stopped" in r.json()["error"]["message"]
 
 
 def test_explain_returns_a_heat_map(real_data):
-    from catdogcnn.predict import bundled_models_dir
+    from catdogcnn.bundle import bundled_models_dir
 
     photo = (real_data / "test_set" / "cats" / "cat.4001.jpg").read_bytes()
     with TestClient(create_app(bundled_models_dir() / "default")) as c:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from catdogcnn.bundle import BundleError, bundled_models_dir
 from catdogcnn.evaluate import evaluate
-from catdogcnn.predict import NEITHER, BundleError, bundled_models_dir, load_classifier
+from catdogcnn.predict import NEITHER, load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,7 @@ def test_flip_tta_averages_the_two_views(tmp_path):
     np.testing.assert_allclose(tta.predict_arrays(image[None]), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shipped_model_on_the_real_test_set(shipped, real_data):
     result = evaluate(real_data, shipped)
     assert result["n"] == 2000
@@ -61,6 +63,7 @@ def test_shipped_model_on_the_real_test_set(shipped, real_data):
     assert result["neither"]["pets_flagged"] <= 0.015
 
 
+@pytest.mark.slow
 def test_shipped_from_scratch_model_on_the_real_test_set(real_data):
     """models/resnet_small: no pretrained weights, trained in under 30 minutes on 2 cores (README)."""
     clf = load_classifier(bundled_models_dir() / "resnet_small")

@@ -7,22 +7,23 @@ import shutil
 
 import numpy as np
 import onnx
-from conftest import make_class_folder
-from test_cli import run
+import pytest
 
+from catdogcnn.calibration import decide
 from catdogcnn.data import load_images, scan_folder
-from catdogcnn.export import float_head_nodes, quantize_bundle
-from catdogcnn.predict import Classifier, decide
+from catdogcnn.predict import Classifier
+from catdogcnn.quantize import float_head_nodes, quantize_bundle
 from catdogcnn.train import TrainConfig, train
 
 
-def test_quantized_bundle_agrees_with_the_float_one(tmp_path):
+@pytest.mark.slow
+def test_quantized_bundle_agrees_with_the_float_one(tmp_path, make_class_folder, run_cli):
     data = tmp_path / "data"
     make_class_folder(data / "training_set", 60, seed=7)
     make_class_folder(data / "test_set", 20, seed=8)
     config = TrainConfig(epochs=2, batch_size=16, augment="none", threads=2, val_fraction=0.25)
     bundle = train(data, tmp_path / "run", config, show_progress=False)
-    result = run("quantize", bundle, data, "--out", tmp_path / "int8", "--calibration-photos", "64")
+    result = run_cli("quantize", bundle, data, "--out", tmp_path / "int8", "--calibration-photos", "64")
     assert result.returncode == 0, result.stderr
     assert "labels agree" in result.stdout
     float_clf, int8_clf = Classifier(bundle), Classifier(tmp_path / "int8")
@@ -35,7 +36,7 @@ def test_quantized_bundle_agrees_with_the_float_one(tmp_path):
     b = np.array([p.probabilities["dogs"] for p in int8_clf.predict_many(photos)])
     assert ((a > 0.5) == (b > 0.5)).mean() >= 0.9 and np.abs(a - b).max() < 0.2
 
-    again = run("quantize", tmp_path / "int8", data, "--out", tmp_path / "int8-again")
+    again = run_cli("quantize", tmp_path / "int8", data, "--out", tmp_path / "int8-again")
     assert again.returncode == 2 and "already quantized" in again.stderr
 
     # The recorded accuracies are those of the bundle as it predicts: with or without mirror averaging.
@@ -53,9 +54,9 @@ def test_quantized_bundle_agrees_with_the_float_one(tmp_path):
         assert ("mirror" in info["checked_on"]) == tta
 
 
-def test_quantize_needs_the_training_record(tiny_bundle, tmp_path):
+def test_quantize_needs_the_training_record(tiny_bundle, tmp_path, make_class_folder, run_cli):
     make_class_folder(tmp_path / "data", 4)
-    result = run("quantize", tiny_bundle, tmp_path / "data", "--out", tmp_path / "int8")
+    result = run_cli("quantize", tiny_bundle, tmp_path / "data", "--out", tmp_path / "int8")
     assert result.returncode == 2 and "no training configuration" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

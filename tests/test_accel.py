@@ -1,15 +1,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from catdogcnn import augment, kernels
+from catdogcnn import augment
+from catdogcnn.accel import kernels
 from catdogcnn.models import build_model
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the kernels")
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the kernels")
 
 
 @pytest.fixture
@@ -20,6 +26,7 @@ def rebuilt_library():
     kernels.library.cache_clear()
 
 
+@needs_cc
 def test_the_kernel_is_built_once_into_the_cache_and_reused(rebuilt_library, tmp_path, monkeypatch):
     monkeypatch.setenv("CATDOGCNN_CACHE", str(tmp_path))
     assert kernels.library() is not None
@@ -48,3 +55,15 @@ def test_without_a_working_compiler_training_says_so_once_and_uses_torch_operato
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "CPU kernels" in warnings[0] and "torch's operators" in warnings[0]
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
+
+
+def test_importing_the_users_of_the_kernels_builds_nothing(tmp_path):
+    """The kernels are built when first called, never on import (test collection imports every module)."""
+    code = "import catdogcnn.accel.kernels, catdogcnn.augment, catdogcnn.models.fused_pool"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CATDOGCNN_CACHE": str(tmp_path)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_this_session_builds_the_kernels_outside_the_users_cache(cpu_kernels):
+    built = Path(cpu_kernels.library()._name)
+    assert Path(tempfile.gettempdir()).resolve() in built.resolve().parents
