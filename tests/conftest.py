@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import sys
 import zlib
@@ -128,3 +129,10 @@ def cuda_available() -> bool:
 
 
 NO_CUDA = "no CUDA device: the GPU path is checked on a machine that has one"
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import synthetic_photo
+from conftest import free_port, synthetic_photo
 from fastapi.testclient import TestClient
 
 from catdogcnn.serve import ServeConfig, create_app
@@ -83,12 +83,6 @@ def test_metrics_count_requests_by_status_latency_and_batch_sizes(tiny_bundle):
     assert metric(text, "catdogcnn_requests_total", route="/v1/predict", status="415") == 1
     assert metric(text, "catdogcnn_request_seconds_count", route="/v1/predict") == 4
     assert metric(text, "catdogcnn_batch_photos_count") == 3 and metric(text, "catdogcnn_batch_photos_sum") == 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(bundle, *options: str) -> tuple[subprocess.Popen, str]:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_class_folder
+from conftest import free_port, make_class_folder
 
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("psycopg2", reason="the PostgreSQL driver is in the tune extra: pip install -e '.[tune]'")
@@ -34,12 +33,6 @@ def postgres_bin() -> Path | None:
         return Path(found).parent
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     return versions[-1].parent if versions else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -150,9 +150,12 @@ class ParquetResults(ResultsFile):
     """.parquet: a folder of part files, one per batch, each renamed into place once complete."""
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[str]):
-        import pyarrow.parquet as pq
-
         super().__init__(path, columns)
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{self.path}: .parquet results need pyarrow (pip install 'catdogcnn[ray]'), "
+                             "or choose .csv or .jsonl") from None
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path}: a .parquet output is a folder of part files, and this is a file")
         self.path.mkdir(parents=True, exist_ok=True)
