@@ -6,7 +6,7 @@ DATA ?= $(or $(CATDOGCNN_DATA),../shared/data/cats_vs_dogs)
 PHOTOS ?= $(DATA)/test_set
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install serve predict test browser fuzz lint bench model seed-model scratch-model clean
+.PHONY: install serve predict test engines browser postgres fuzz lint bench model seed-model scratch-model clean
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,tune,ray,serve,dev]"
 	touch $@
 
 ## The main job: the web page and the API on http://127.0.0.1:8000 with the shipped default model.
@@ -25,14 +25,28 @@ serve: install
 predict: install
 	$(BIN)/catdogcnn predict $(PHOTOS)
 
-test: install browser
+test: install browser postgres
 	$(BIN)/python -m pytest -q
+
+## Only the tests that start engines: PostgreSQL, Ray, torchrun across two nodes, several server processes.
+engines: install postgres
+	$(BIN)/python -m pytest -q -m slow
 
 ## Headless Chromium for the end-to-end page tests (Debian packages); the tests skip, saying so, without it.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
 		echo "could not install chromium: the browser tests will be skipped"; }
+
+## PostgreSQL's programs for the shared-study test, which starts a server of its own in a temporary folder
+## (Debian package; told not to create the system's cluster, so no service starts); the test skips without them.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+		{ test -e /etc/postgresql-common/createcluster.conf || { mkdir -p /etc/postgresql-common && \
+			echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; }; } 2>/dev/null; \
+		apt-get install -y -q postgresql >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1; } || \
+		echo "could not install postgresql: the shared-study test will be skipped"; }
 
 fuzz: install
 	CATDOGCNN_FUZZ_EXAMPLES=$${CATDOGCNN_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/test_fuzz.py

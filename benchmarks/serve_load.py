@@ -61,6 +61,23 @@ async def load(url: str, photos: list[tuple[str, bytes]], clients: int, seconds:
             "p50": float(np.percentile(latencies, 50)) * 1000, "p99": float(np.percentile(latencies, 99)) * 1000}
 
 
+def start_server(options: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
+    """`catdogcnn serve` with `options` on a free loopback port, once it answers: (process, URL, command)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "catdogcnn", "serve", "--port", str(port), *options]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(480):
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.25)
+    return server, url, cmd
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("CATDOGCNN_DATA",
@@ -74,21 +91,10 @@ def main() -> None:
 
     _, samples = scan_folder(args.data / "test_set")
     photos = [(s.path.name, s.path.read_bytes()) for s in samples[:400]]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "catdogcnn", "serve", "--port", str(port)]
-    cmd += (["--model", args.model] if args.model else []) + (["--max-batch", str(args.max_batch)] if args.max_batch
-                                                             else [])
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    options = (["--model", args.model] if args.model else []) + (["--max-batch", str(args.max_batch)]
+                                                                 if args.max_batch else [])
+    server, url, cmd = start_server(options)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
         rows, memory = [], []
         load_before = os.getloadavg()[0]
         for round_ in range(1, args.rounds + 1):

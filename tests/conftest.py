@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -257,3 +258,10 @@ def _as_fixture(helper):
 # The helpers as fixtures of the same names (the module-level functions stay for code that still imports them).
 for _helper in (synthetic_photo, make_class_folder, write_bad_files, png_with_size, run_cli):
     globals()[f"_{_helper.__name__}_fixture"] = _as_fixture(_helper)
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,4 +1,5 @@
-"""Training across processes (DistributedDataParallel, gloo on the CPU) and surviving SIGKILL."""
+"""Training across processes (DistributedDataParallel, gloo on the CPU), across two nodes on loopback (the
+README's multi-machine torchrun recipe), and surviving SIGKILL."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_class_folder
+from conftest import free_port, make_class_folder
 
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
@@ -112,3 +113,43 @@ def test_full_disk_is_refused_before_training(data, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="MB free"):
         train(data, tmp_path / "run", TrainConfig(epochs=1), show_progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+NODE_ARGS = ["--epochs", "2", "--batch-size", "16", "--augment", "seed", "--val-fraction", "0.2", "--seed", "3",
+             "--threads", "1"]
+
+
+def node(data: Path, out: Path, port: int, *rdzv_options: str) -> subprocess.Popen:
+    """One machine's launcher, as the README starts it (each node with its own cache and run folder, as on
+    separate machines; `--local-addr` because both nodes are this machine)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=cats", "--local-addr=127.0.0.1",
+               *rdzv_options, "-m", "catdogcnn", "train", str(data), "--out", str(out), *NODE_ARGS]
+    env = {**os.environ, "CATDOGCNN_CACHE": str(out.parent / f"cache-{out.name}")}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_train_with_identical_weights_and_write_one_bundle(data, tmp_path):
+    port = free_port()
+    nodes = [node(data, tmp_path / f"node{i}", port) for i in range(2)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs
+    bundles = [tmp_path / f"node{i}" / "bundle" / "bundle.json" for i in range(2)]
+    assert sum(b.exists() for b in bundles) == 1  # the first process alone exports
+    meta = json.loads(next(b for b in bundles if b.exists()).read_text())
+    assert meta["training"]["distributed"] == {"processes": 2, "backend": "gloo", "effective_batch_size": 32,
+                                               "weights_identical": True}
+    other = next(b.parent.parent for b in bundles if not b.exists())
+    assert not other.exists() or not any(other.iterdir())  # nothing written by the second rank
+    assert sum(output.count("epoch   1/2") for output in outputs) == 1  # only the first process logs
+
+
+@pytest.mark.slow
+def test_a_node_that_never_joins_fails_the_launch_after_the_join_timeout(data, tmp_path):
+    started = time.time()
+    alone = node(data, tmp_path / "alone", free_port(), "--rdzv-conf=join_timeout=5")
+    output, _ = alone.communicate(timeout=120)
+    assert alone.returncode != 0
+    assert "RendezvousTimeoutError" in output and time.time() - started < 60
+    assert not (tmp_path / "alone").exists()  # training never started

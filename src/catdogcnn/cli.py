@@ -67,9 +67,19 @@ def predict(
     tta: TtaOption = None,
     neither: NeitherOption = True,
     threads: Annotated[int | None, typer.Option(min=1, help="onnxruntime threads (default: all cores).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results to FILE (.csv, .jsonl "
+                                                "or .parquet, a folder of parts) as they come; a rerun skips "
+                                                "the photos already there.")] = None,
+    flush_every: Annotated[int, typer.Option(min=1, help="With --output: rows per write (what a kill can "
+                                             "lose).")] = 1000,
+    ray_address: Annotated[str | None, typer.Option("--ray", help="With --output: label on a Ray cluster: "
+                                                    "'local' (this machine), 'auto' (the cluster this machine "
+                                                    "is in) or an address, e.g. ray://HOST:10001.")] = None,
+    ray_actors: Annotated[int | None, typer.Option(min=1, help="With --ray: model copies (default: one per "
+                                                   "CPU of the cluster).")] = None,
 ) -> None:
     """Label photos: one line per photo; a bad photo, or a folder with no files, prints its error on its own
-    line (exit code 1)."""
+    line (exit code 1). With --output, the results go to a file that a rerun resumes."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -86,6 +96,11 @@ def predict(
             typer.echo(f"error: {path}: no files in this folder", err=True)
             empty_folders += 1
         photos += found
+    if output is not None:
+        raise typer.Exit(_label_to_file(classifier, photos, output, batch_size, flush_every, ray_address, ray_actors,
+                                        empty_folders))
+    if ray_address:
+        raise _fail("--ray needs --output FILE")
     writer = csv.writer(sys.stdout) if output_format == "csv" else None
     if writer:
         writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in classifier.classes), "error", "reason"])
@@ -112,6 +127,29 @@ def predict(
     if problems:
         typer.echo("; ".join(problems), err=True)
         raise typer.Exit(1)
+
+
+def _label_to_file(classifier, photos: list[Path], output: Path, batch_size: int | None, flush_every: int,
+                   ray_address: str | None, ray_actors: int | None, empty_folders: int) -> int:
+    """`predict --output`: label into a resumable results file, here or on Ray; the exit code."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from catdogcnn.results import label_to_file
+
+    console = Console(stderr=True)
+    with Progress(console=console, disable=not console.is_terminal, transient=True) as progress:
+        advance = functools.partial(progress.advance, progress.add_task("classifying", total=None))
+        if ray_address:
+            from catdogcnn.ray_predict import label_with_ray
+
+            summary = label_with_ray(classifier, photos, output, ray_address, ray_actors, batch_size, flush_every,
+                                     advance)
+        else:
+            summary = label_to_file(classifier, photos, output, batch_size, flush_every, advance)
+    typer.echo(f"{output}: {summary.labelled} photo(s) labelled ({summary.errors} could not be read, recorded with "
+               f"their error), {summary.already_done} already there", err=True)
+    return 1 if summary.errors or empty_folders else 0
 
 
 @app.command()
@@ -279,6 +317,8 @@ def tune(
     out: Annotated[Path | None, typer.Option(help="Folder for the study, trial logs and best_config.json "
                                              "(default runs/tune-MODEL).")] = None,
     prune: Annotated[bool, typer.Option(help="Stop trials whose validation accuracy trails the median.")] = True,
+    heartbeat: Annotated[int, typer.Option(min=1, help="Seconds between a running trial's heartbeats; a trial "
+                                           "silent for four is retried by another worker.")] = 30,
 ) -> None:
     """Search hyperparameters with Optuna; prints a leaderboard and writes OUT/best_config.json."""
     import optuna
@@ -296,7 +336,7 @@ def tune(
         result = run_tune(data_dir, out, base, trials, sampler=sampler, storage=storage, study_name=study,
                           params=params.split(",") if params else None, console=console,
                           pruner=None if prune else optuna.pruners.NopPruner(),
-                          grid=parse_grid(grid) if grid else None)
+                          grid=parse_grid(grid) if grid else None, heartbeat_s=heartbeat)
     except TrainingInterrupted:
         raise _fail(f"interrupted; run the same command again to resume the study in {out}", code=130) from None
     Console(width=None if sys.stdout.isatty() else 200).print(leaderboard(result.study))  # a log keeps every column
@@ -358,15 +398,29 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest photo accepted, in MB.")] = 10.0,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Most photos in one model call (micro-batching; "
                                                   "default 8).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model, sharing the "
+                                         "port.")] = 1,
+    api_key: Annotated[str | None, typer.Option(envvar="CATDOGCNN_API_KEY", show_envvar=True,
+                                                help="Require this key for the API and /metrics "
+                                                "('Authorization: Bearer KEY' or 'X-API-Key: KEY').")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="A web origin allowed to call the API from a "
+                                                          "browser, e.g. https://example.org (repeatable).")]
+    = None,
+    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds an upload may take to arrive (then "
+                                                   "408).")] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option(min=0, help="On SIGTERM, seconds to finish the requests in "
+                                                    "flight before exiting.")] = 20.0,
 ) -> None:
-    """Serve the web page and the HTTP API (docs at /docs)."""
+    """Serve the web page and the HTTP API (docs at /docs, Prometheus metrics at /metrics)."""
     from catdogcnn.predict import load_classifier
     from catdogcnn.serve import ServeConfig
     from catdogcnn.serve import serve as run_server
 
     load_classifier(model)  # fail here, in one line, if the bundle is unusable
     limits = {"max_upload_mb": max_upload_mb} | ({"max_batch": max_batch} if max_batch else {})
-    run_server(model, host, port, ServeConfig(**limits))
+    config = ServeConfig(**limits, request_timeout_s=request_timeout, api_key=api_key or None,
+                         cors_origins=[origin.rstrip("/") for origin in cors_origin or []])
+    run_server(model, host, port, config, workers, shutdown_timeout)
 
 
 @app.command()

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from catdogcnn.data import BadImageError, decode_image
 from catdogcnn.explain import overlay, png_data_url
 from catdogcnn.predict import Classifier, Prediction, load_classifier
+from catdogcnn.service import Metrics, ServiceMiddleware
 
 STATIC = Path(__file__).parent / "static"
 # BadImageError.kind -> HTTP status: 415 not an image at all, 422 an image that cannot be decoded.
@@ -44,6 +46,9 @@ class ServeConfig:
     # Photos in one model call. 8 rather than 16: at 32 clients, the same throughput and a p99 of 384 ms
     # instead of 465 ms, as a new photo waits less behind the batch running.
     max_batch: int = 8
+    request_timeout_s: float = 30.0  # an upload must arrive within this (408 otherwise)
+    api_key: str | None = None  # when set, the API and /metrics answer 401 without it (see service.py)
+    cors_origins: list[str] = field(default_factory=list)  # web origins allowed to call the API from a browser
 
 
 class ApiError(Exception):
@@ -97,8 +102,8 @@ class WorkerStoppedError(RuntimeError):
 class MicroBatcher:
     """Gathers decoded photos from concurrent requests into batches for one model call each."""
 
-    def __init__(self, classifier: Classifier, config: ServeConfig):
-        self.classifier, self.config = classifier, config
+    def __init__(self, classifier: Classifier, config: ServeConfig, metrics: Metrics | None = None):
+        self.classifier, self.config, self.metrics = classifier, config, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
 
@@ -139,6 +144,8 @@ class MicroBatcher:
 
     async def _answer(self, batch: list) -> None:
         images = np.stack([item[0] for item in batch])
+        if self.metrics:
+            self.metrics.batch_size.observe(len(batch))
         explain = self.classifier.can_explain and any(item[2] for item in batch)  # maps only when asked
         try:
             results = await run_in_threadpool(self.classifier.predict_decoded, images, [item[1] for item in batch],
@@ -157,6 +164,7 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
                classifier: Classifier | None = None) -> FastAPI:
     config = config or ServeConfig()
     state: dict = {"classifier": classifier, "batcher": None}
+    metrics = Metrics()
 
     async def classifier_ready() -> Classifier:
         if state["classifier"] is None:
@@ -166,7 +174,7 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
     async def batcher() -> MicroBatcher:
         """Started on first use, inside the running event loop (also when no lifespan event is sent)."""
         if state["batcher"] is None:
-            state["batcher"] = MicroBatcher(await classifier_ready(), config)
+            state["batcher"] = MicroBatcher(await classifier_ready(), config, metrics)
             state["batcher"].start()
         return state["batcher"]
 
@@ -272,12 +280,22 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        return metrics.exposition()
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(ServiceMiddleware, metrics=metrics, api_key=config.api_key,
+                       request_timeout_s=config.request_timeout_s)
+    if config.cors_origins:  # outermost: a browser's preflight is answered without the API key
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key"])
     return app
 
 
 def serve(bundle: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          config: ServeConfig | None = None) -> None:
-    import uvicorn
+          config: ServeConfig | None = None, workers: int = 1, shutdown_timeout_s: float = 20) -> None:
+    """Serve until SIGTERM or Ctrl-C, in `workers` processes (see service.py)."""
+    from catdogcnn.service import run
 
-    uvicorn.run(create_app(bundle, config), host=host, port=port, log_level="info")
+    run(str(bundle) if bundle else None, host, port, config or ServeConfig(), workers, shutdown_timeout_s)

@@ -12,6 +12,8 @@ through a database URL. The best configuration is kept in `best_config.json`, wh
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import typing
 import warnings
@@ -127,13 +129,13 @@ def baseline_values(base: TrainConfig, names: list[str]) -> dict:
     return {name: values[name] for name in names}
 
 
-def heartbeat_storage(url: str) -> optuna.storages.RDBStorage:
+def heartbeat_storage(url: str, heartbeat_s: int = 30) -> optuna.storages.RDBStorage:
     """The study's storage at `url`. A worker that dies mid-trial stops its heartbeat; the trial is then failed
     and run again by someone."""
     with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna, stable in use since 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=4 * heartbeat_s,
                                           heartbeat_stale_trial_callback=retry)
 
 
@@ -141,11 +143,13 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
          storage: str | None = None, study_name: str | None = None, params: list[str] | None = None,
          pruner: optuna.pruners.BasePruner | None = None, enqueue: list[dict] | None = None,
          cache_dir: Path | None | bool = None, console: Console | None = None,
-         grid: dict[str, list] | None = None) -> TuneResult:
+         grid: dict[str, list] | None = None, heartbeat_s: int = 30) -> TuneResult:
     """Run the study until it holds `trials` finished (complete or pruned) trials; returns it and the best
     configuration. Trial 0 of a new TPE study is the base configuration itself, so the search starts from
     it and the leaderboard shows how far it moved. `enqueue` adds trials to run first (settings dicts);
-    `grid` replaces the search space's grid values of some settings (grid sampler only)."""
+    `grid` replaces the search space's grid values of some settings (grid sampler only). A running trial
+    beats every `heartbeat_s` seconds; one silent for four beats (its worker died) is failed and run again
+    by the next worker to start a trial."""
     console = console or Console(stderr=True, soft_wrap=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,9 +163,11 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
         raise ValueError("grid values are for the grid sampler (--sampler grid)")
     base.validate()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials report through the console; a stop is one line
-    chosen_sampler = (optuna.samplers.GridSampler(grid_of(names, grid), seed=base.seed) if sampler == "grid"
-                      else optuna.samplers.TPESampler(seed=base.seed))
-    study = optuna.create_study(storage=heartbeat_storage(storage or default_storage(out_dir)),
+    # Workers sharing a storage seed their samplers apart: with one seed they would all propose the same settings.
+    seed = base.seed if storage is None else None
+    chosen_sampler = (optuna.samplers.GridSampler(grid_of(names, grid), seed=seed) if sampler == "grid"
+                      else optuna.samplers.TPESampler(seed=seed))
+    study = optuna.create_study(storage=heartbeat_storage(storage or default_storage(out_dir), heartbeat_s),
                                 study_name=study_name or f"{base.model}-{sampler}", direction="maximize",
                                 sampler=chosen_sampler, load_if_exists=True,
                                 pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5))
@@ -176,6 +182,7 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
         values = suggest(trial, names)
         config = TrainConfig.from_dict({**asdict(base), **values})
         trial.set_user_attr("config", asdict(config))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         console.print(f"[bold]trial {trial.number}[/] ({done + 1}/{trials}): "
                       + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))

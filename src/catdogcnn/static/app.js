@@ -36,6 +36,17 @@ function card(file, result) {
   return el("li", { className: "card" }, items);
 }
 
+// A server started with an API key answers 401: ask for the key once, keep it for this tab, and try again.
+async function apiFetch(url, options = {}) {
+  const key = sessionStorage.getItem("apiKey");
+  const response = await fetch(url, key ? { ...options, headers: { "X-API-Key": key } } : options);
+  if (response.status !== 401) return response;
+  const entered = window.prompt("This service needs an API key:");
+  if (!entered) return response;
+  sessionStorage.setItem("apiKey", entered);
+  return apiFetch(url, options);
+}
+
 async function classify(files) {
   files = [...files];
   if (!files.length) return;
@@ -43,7 +54,7 @@ async function classify(files) {
   const form = new FormData();
   for (const file of files) form.append("files", file, file.name);
   try {
-    const response = await fetch("/v1/predict?explain=true", { method: "POST", body: form });
+    const response = await apiFetch("/v1/predict?explain=true", { method: "POST", body: form });
     const body = await response.json();
     if (!body.results) throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
     body.results.forEach((result, i) => results.prepend(card(files[i], result)));
@@ -65,7 +76,7 @@ for (const name of ["dragenter", "dragover"]) {
 for (const name of ["dragleave", "drop"]) drop.addEventListener(name, () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => { event.preventDefault(); classify(event.dataTransfer.files); });
 
-fetch("/v1/model").then((r) => r.json()).then((model) => {
+apiFetch("/v1/model").then((r) => r.json()).then((model) => {
   const accuracy = model.metrics && model.metrics.val_accuracy;
   document.getElementById("model").textContent = `Model ${model.model_id}` +
     (accuracy ? ` \u00b7 validation accuracy ${(accuracy * 100).toFixed(2)}%` : "");

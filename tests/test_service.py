@@ -1,0 +1,174 @@
+"""The service around the API: API key, CORS, /metrics, upload deadlines, several workers, a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from conftest import free_port, synthetic_photo
+from fastapi.testclient import TestClient
+
+from catdogcnn.serve import ServeConfig, create_app
+
+pytest.importorskip("prometheus_client", reason="/metrics needs the serve extra: pip install -e '.[serve]'")
+
+
+def jpeg(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    synthetic_photo(seed % 2, np.random.default_rng(seed), 96).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value from the Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"^{name}(?:{{{re.escape(wanted)}}})? (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_bundle):
+    config = ServeConfig(api_key="s3cret-key", cors_origins=["https://pets.example"])
+    with TestClient(create_app(tiny_bundle, config)) as client:
+        yield client
+
+
+def test_the_api_needs_the_key_and_the_page_does_not(keyed):
+    photo = {"files": ("a.jpg", jpeg(), "image/jpeg")}
+    for path, method in (("/v1/predict", "post"), ("/v1/model", "get"), ("/metrics", "get")):
+        refused = getattr(keyed, method)(path, **({"files": photo} if method == "post" else {}))
+        assert refused.status_code == 401, path
+        assert "API key" in refused.json()["error"]["message"] and refused.headers["www-authenticate"] == "Bearer"
+    assert keyed.post("/v1/predict", files=photo, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert keyed.post("/v1/predict", files=photo, headers={"X-API-Key": "s3cret-key"}).status_code == 200
+    assert keyed.get("/v1/model", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+    for open_path in ("/v1/health", "/", "/static/app.js", "/docs"):
+        assert keyed.get(open_path).status_code == 200, open_path
+
+
+def test_allowed_origins_get_cors_headers_and_others_do_not(keyed):
+    allowed = keyed.get("/v1/health", headers={"Origin": "https://pets.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://pets.example"
+    assert "access-control-allow-origin" not in keyed.get("/v1/health", headers={"Origin": "https://evil.example"}
+                                                          ).headers
+    preflight = keyed.options("/v1/predict", headers={"Origin": "https://pets.example",
+                                                      "Access-Control-Request-Method": "POST",
+                                                      "Access-Control-Request-Headers": "x-api-key"})
+    assert preflight.status_code == 200  # no key needed: browsers send none with a preflight
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    refused = keyed.post("/v1/predict", files={"files": ("a.jpg", jpeg(), "image/jpeg")},
+                         headers={"Origin": "https://pets.example"})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://pets.example"
+
+
+def test_metrics_count_requests_by_status_latency_and_batch_sizes(tiny_bundle):
+    with TestClient(create_app(tiny_bundle)) as client:
+        before = client.get("/metrics").text
+        assert metric(before, "catdogcnn_requests_total", route="/v1/predict", status="200") == 0
+        for seed in range(3):
+            assert client.post("/v1/predict", files={"files": ("a.jpg", jpeg(seed), "image/jpeg")}).status_code == 200
+        assert client.post("/v1/predict", files={"files": ("n.txt", b"not a photo", "text/plain")}).status_code == 415
+        after = client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    assert metric(text, "catdogcnn_requests_total", route="/v1/predict", status="200") == 3
+    assert metric(text, "catdogcnn_requests_total", route="/v1/predict", status="415") == 1
+    assert metric(text, "catdogcnn_request_seconds_count", route="/v1/predict") == 4
+    assert metric(text, "catdogcnn_batch_photos_count") == 3 and metric(text, "catdogcnn_batch_photos_sum") == 3
+
+
+def start_server(bundle, *options: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "catdogcnn", "serve", "--port", str(port), "--model",
+                               str(bundle), *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert server.poll() is None, server.stdout.read()
+        assert time.time() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
+def upload_in_halves(url: str, photo: bytes) -> tuple[socket.socket, bytes]:
+    """A POST /v1/predict whose headers and first half of the body are sent; returns the socket and the rest."""
+    request = httpx.Request("POST", f"{url}/v1/predict", files={"files": ("slow.jpg", photo, "image/jpeg")})
+    body = request.read()
+    head = f"POST /v1/predict HTTP/1.1\r\nHost: {request.url.netloc.decode()}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host") + "\r\n"
+    conn = socket.create_connection((request.url.host, request.url.port))
+    conn.sendall(head.encode() + body[: len(body) // 2])
+    return conn, body[len(body) // 2:]
+
+
+def read_response(conn: socket.socket, timeout: float = 30) -> tuple[int, bytes]:
+    conn.settimeout(timeout)
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        if length and len(body) >= int(length.group(1)):
+            break
+    conn.close()
+    return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.slow
+def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_requests_on_sigterm(tiny_bundle):
+    server, url = start_server(tiny_bundle, "--workers", "2", "--request-timeout", "4", "--shutdown-timeout", "10")
+    try:
+        stalled, _ = upload_in_halves(url, jpeg(1))
+        started = time.time()
+        for seed in range(6):  # the stalled client holds no worker
+            r = httpx.post(f"{url}/v1/predict", files={"files": ("a.jpg", jpeg(seed), "image/jpeg")}, timeout=10)
+            assert r.status_code == 200
+        status, body = read_response(stalled)
+        assert status == 408 and b"did not arrive within 4 s" in body and 3.5 < time.time() - started < 15
+        for _ in range(4):  # whichever worker answers, the figures are every worker's
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            assert metric(text, "catdogcnn_requests_total", route="/v1/predict", status="200") == 6
+            assert metric(text, "catdogcnn_requests_total", route="/v1/predict", status="408") == 1
+
+        in_flight, rest = upload_in_halves(url, jpeg(2))
+        time.sleep(0.2)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.HTTPError):  # no new connections once told to stop
+            httpx.get(f"{url}/v1/health", timeout=2)
+        in_flight.sendall(rest)
+        status, body = read_response(in_flight)
+        assert status == 200 and b'"label"' in body
+        output, _ = server.communicate(timeout=30)
+        assert server.returncode == 0, output
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_within_the_shutdown_timeout_despite_a_stalled_client(tiny_bundle):
+    server, url = start_server(tiny_bundle, "--request-timeout", "60", "--shutdown-timeout", "2")
+    try:
+        stalled, _ = upload_in_halves(url, jpeg(3))
+        time.sleep(0.5)
+        started = time.time()
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=30)
+        assert time.time() - started < 8, output
+        assert "timeout graceful shutdown exceeded" in output
+        stalled.close()
+    finally:
+        if server.poll() is None:
+            server.kill()
