@@ -50,7 +50,7 @@ def test_ray_labels_match_the_single_process_and_resume(local_ray, tiny_bundle, 
 
 
 def test_the_cli_labels_on_a_local_ray(tiny_bundle, tmp_path):
-    from test_cli import run
+    from conftest import run_cli as run
 
     photos = make_class_folder(tmp_path / "photos", 10, seed=7)
     result = run("predict", photos, "--model", tiny_bundle, "--output", tmp_path / "labels.csv", "--ray", "local",

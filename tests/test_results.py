@@ -137,14 +137,14 @@ def rows_written(output: Path) -> int:
 
 
 def test_the_cli_refuses_ray_without_an_output(tiny_bundle, photos):
-    from test_cli import run
+    from conftest import run_cli as run
 
     result = run("predict", photos, "--model", tiny_bundle, "--ray", "local")
     assert result.returncode == 2 and "--ray needs --output FILE" in result.stderr
 
 
 def test_cli_output_is_written_and_resumed(tiny_bundle, photos, tmp_path):
-    from test_cli import run
+    from conftest import run_cli as run
 
     output = tmp_path / "out" / "labels.jsonl"
     first = run("predict", photos / "cats", "--model", tiny_bundle, "--output", output)
