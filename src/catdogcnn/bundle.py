@@ -23,6 +23,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 IMAGENET_OUTPUT_NAME = "imagenet_probabilities"
 ACTIVATION_OUTPUT_NAME = "class_activation"
+NEITHER_OUTPUT_NAME = "neither_probability"  # (N, 1): the learned open-set output, "none of the classes"
 
 DEFAULT_BUNDLE = "default"  # a folder of the repository's models/ (inside the wheel: catdogcnn/_bundles/)
 
@@ -54,6 +55,23 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- the "neither" rule
+
+def neither_rules(metadata: dict) -> list[dict]:
+    """The bundle's "neither" (none of its classes) rules: a photo is answered "neither" when any one fires.
+
+    Two kinds: `learned` (the graph's `neither_probability` above `max`) and `imagenet` (an ImageNet head gives
+    the classes' ImageNet indices together less than `min_pet_probability`). A bundle of the first format kept
+    one ImageNet rule at the top level of its "neither" entry; it is read as that one rule.
+    """
+    entry = metadata.get("neither")
+    if not entry:
+        return []
+    if "rules" in entry:
+        return list(entry["rules"])
+    return [{"kind": "imagenet", **entry}]
 
 
 # --------------------------------------------------------------------------- finding bundles
