@@ -85,3 +85,9 @@ def neither_threshold(pet_mass: np.ndarray, pet_false_alarm: float = 0.005) -> f
     """The "neither cat nor dog" cut on the ImageNet head's cat + dog probability: the `pet_false_alarm`
     quantile of that mass on validation pets (so about that share of real pets is flagged), capped at 0.5."""
     return float(min(0.5, np.quantile(pet_mass, pet_false_alarm)))
+
+
+def neither_cut(val_scores: np.ndarray, pets_flagged: float) -> float:
+    """The score above which a photo is "neither": the (1 - pets_flagged) quantile of the validation photos'
+    scores, so that share of real class photos (at most) is turned away."""
+    return float(np.quantile(val_scores, 1 - pets_flagged, method="higher"))

@@ -14,15 +14,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from catdogcnn.bundle import ACTIVATION_OUTPUT_NAME, IMAGENET_OUTPUT_NAME, INPUT_NAME, OUTPUT_NAME, write_bundle
+from catdogcnn.bundle import (
+    ACTIVATION_OUTPUT_NAME,
+    IMAGENET_OUTPUT_NAME,
+    INPUT_NAME,
+    NEITHER_OUTPUT_NAME,
+    OUTPUT_NAME,
+    write_bundle,
+)
 from catdogcnn.models import Normalize, logits_to_probabilities
 
 
 class InferenceModel(nn.Module):
     """uint8 photos (N, H, W, 3) -> class probabilities (N, C): what the ONNX graph computes.
 
-    A pretrained-backbone model (`forward_all`) also outputs the 1000 ImageNet probabilities and the class
-    activation maps (N, logits, h, w) that heat maps are drawn from.
+    A pretrained-backbone model (`forward_all`) also outputs the 1000 ImageNet probabilities, the class
+    activation maps (N, logits, h, w) that heat maps are drawn from and, when it learned one, the probability
+    (N, 1) that the photo shows none of the classes.
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -30,14 +38,16 @@ class InferenceModel(nn.Module):
         self.normalize = Normalize(mean, std)
         self.model = model
         self.all_outputs = hasattr(model, "forward_all")
+        self.open_set = getattr(model, "neither", None) is not None
         self.output_names = ([OUTPUT_NAME, IMAGENET_OUTPUT_NAME, ACTIVATION_OUTPUT_NAME] if self.all_outputs
-                             else [OUTPUT_NAME])
+                             else [OUTPUT_NAME]) + ([NEITHER_OUTPUT_NAME] if self.open_set else [])
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = self.normalize(image.permute(0, 3, 1, 2).float() / 255)
         if self.all_outputs:
-            logits, imagenet, activation = self.model.forward_all(x)
-            return logits_to_probabilities(logits), torch.softmax(imagenet, dim=1), activation
+            logits, imagenet, activation, neither = self.model.forward_all(x)
+            outputs = (logits_to_probabilities(logits), torch.softmax(imagenet, dim=1), activation)
+            return (*outputs, torch.sigmoid(neither)) if self.open_set else outputs
         return logits_to_probabilities(self.model(x))
 
 

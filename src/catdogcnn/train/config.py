@@ -19,7 +19,7 @@ Resize = Literal["bilinear", "nearest", "bicubic", "lanczos"]  # data.RESAMPLE's
 Extra = Literal["val", "train", "none"]
 Select = Literal["best", "last"]
 Tta = Literal["auto", "on", "off"]
-Recipe = Literal["full", "probe"]
+Recipe = Literal["full", "probe", "finetune"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -90,8 +90,21 @@ class TrainConfig:
     select: Select = setting("best", "Weights to export: best (validation accuracy) or last.")
     tta: Tta = setting("auto", "Bundle predicts on the photo and its mirror image: auto (when that lowers the log "
                        "loss and keeps the accuracy on the validation photos), on or off.")
-    recipe: Recipe = setting("full", "full (train all weights) or probe (frozen pretrained features + logistic "
-                             "regression).")
+    recipe: Recipe = setting("full", "full (train all weights), probe (frozen pretrained features + logistic "
+                             "regression) or finetune (a pretrained backbone's last blocks and the head, trained on "
+                             "the cached output of the frozen ones).")
+    train_blocks: int = setting(3, "finetune: backbone blocks trained, counted from the last; the earlier ones are "
+                                "frozen and run once per photo.", AT_LEAST_1)
+    neither_photos: str | None = setting(None, "finetune: a folder of photos that show none of the classes, "
+                                         "learned as the answer 'neither'.")
+    neither_weight: float = setting(1.0, "finetune: weight of the 'neither' loss beside the class loss.", POSITIVE)
+    neither_pets_flagged: float = setting(0.01, "Share of the validation photos the 'neither' cut lets through as "
+                                          "'neither' (the cut is that quantile of their scores).", Range(0, 0.5))
+    neither_holdout_kinds: float = setting(0.25, "Share of the neither photos' kinds (the file name before its last "
+                                           "'_', or the sub-folder) kept out of training, to measure 'neither' on "
+                                           "kinds never seen.", FRACTION)
+    neither_holdout_photos: float = setting(0.2, "Share of each trained kind's neither photos kept out of training, "
+                                            "to measure 'neither' on kinds seen.", FRACTION)
     probe_c: float | None = setting(None, "probe: regularisation C (default: chosen on validation).", POSITIVE)
     seed: int = setting(0, "Seed of every random draw: the same seed gives the same model.")
     device: Device = setting("auto", "auto: cuda, else mps, else cpu.")

@@ -7,6 +7,7 @@ a stratified share of the training photos validates.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +49,13 @@ def prepare_data(root: Path, config: TrainConfig, image_size: int, resize: str,
     val = D.load_images(val_samples, classes, image_size, resize, cache_dir=cache_dir)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{root}: no usable photos to train on ({len(train)} train, {len(val)} validation)")
-    summary = {"root": str(Path(root).resolve()), "classes": classes, "train": train.summary(),
-               "val": val.summary(), "extra_set": config.extra if "extra" in splits else "absent",
-               "left_out_test_duplicates": dropped}
+    root = Path(root).resolve()
+    # The data set by name and file list, never by a path of the machine it was trained on.
+    listing = "\n".join(str(Path(p).resolve().relative_to(root)) for p in [*train.paths, *val.paths]).encode()
+    summary = {"name": root.name, "files_sha256": hashlib.sha256(listing).hexdigest(), "classes": classes,
+               "train": train.summary(), "val": val.summary(),
+               "extra_set": config.extra if "extra" in splits else "absent",
+               "left_out_test_duplicates": [str(Path(p).resolve().relative_to(root)) for p in dropped]}
     return TrainingData(train, val, summary)
 
 

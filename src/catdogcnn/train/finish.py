@@ -14,23 +14,37 @@ from torch import nn
 from catdogcnn.augment import parse_augment
 from catdogcnn.export import export_bundle
 from catdogcnn.models import Normalize, get_spec
-from catdogcnn.train.calibrate import calibrate, calibrate_neither, choose_tta, is_cats_and_dogs
+from catdogcnn.train.calibrate import (
+    calibrate,
+    calibrate_neither,
+    choose_tta,
+    is_cats_and_dogs,
+    learned_neither_rule,
+)
 from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import TrainingData
 from catdogcnn.train.metrics import logits_metrics, predict_logits
+from catdogcnn.train.openset import NeitherPhotos
 
 
 def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: TrainingData, training: dict,
-           console: Console, val_logits: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Path:
-    """Final validation metrics, the "neither" calibration when the model has an ImageNet head, and the bundle.
+           console: Console, val_logits: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+           val_neither: torch.Tensor | None = None, neither: NeitherPhotos | None = None,
+           neither_outputs: dict[str, np.ndarray] | None = None) -> Path:
+    """Final validation metrics, the "neither" rule, and the bundle.
 
-    `val_logits` (class logits, ImageNet logits) skips the pass over the validation photos when known.
+    `val_logits` (class logits, ImageNet logits) skips the pass over the validation photos when known. A model
+    that learned "neither" (`val_neither`: its logits on the validation photos) carries that rule, its cut
+    chosen on the validation photos; one with an ImageNet head and cats and dogs for classes carries the
+    ImageNet rule instead. `neither_outputs` ("seen"/"unseen" -> logits of held-out "neither" photos) adds
+    how many of those the rule catches.
     """
     spec = get_spec(config.model)
     image_size = config.image_size or spec.image_size
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     normalize = Normalize(spec.mean, spec.std)
-    with_neither = hasattr(model, "forward_all") and is_cats_and_dogs(dataset.summary["classes"])
+    with_neither = (hasattr(model, "forward_all") and is_cats_and_dogs(dataset.summary["classes"])
+                    and val_neither is None)
     if val_logits is None:
         val_logits = predict_logits(model, normalize, dataset.val.images, torch.device("cpu"),
                                     with_imagenet=with_neither)
@@ -54,8 +68,13 @@ def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tra
                      "parameters": sum(p.numel() for p in model.parameters()), **training},
         "data": dataset.summary,
     }
-    if with_neither:
-        metadata["neither"] = calibrate_neither(val_logits[1])
+    if val_neither is not None:
+        metadata["neither"] = learned_neither_rule(val_neither, config.neither_pets_flagged, neither,
+                                                   neither_outputs or {})
+    elif with_neither:
+        metadata["neither"] = {"rules": [calibrate_neither(val_logits[1])], "fitted_on": "validation photos"}
+    # The folder of "neither" photos by name only: no path of the machine that trained it.
+    metadata["training"]["config"]["neither_photos"] = neither.summary["folder"] if neither else None
     parity = np.asarray(dataset.val.images[: min(16, len(dataset.val))])
     bundle = export_bundle(model, bundle_dir, image_size=image_size, mean=spec.mean, std=spec.std,
                            parity_images=parity, metadata=metadata)

@@ -34,6 +34,7 @@ from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import prepare_data
 from catdogcnn.train.device import training_device, use_bf16
 from catdogcnn.train.distributed import end_training, init_distributed, leave, wrap
+from catdogcnn.train.finetune import train_finetune
 from catdogcnn.train.finish import finish
 from catdogcnn.train.metrics import evaluate_arrays, loss_and_correct, soft_targets, to_batch
 from catdogcnn.train.optim import lr_factor, make_optimizer
@@ -58,6 +59,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     bundle_dir = Path(bundle_dir) if bundle_dir else out_dir / "bundle"
     if config.recipe == "probe":
         return train_probe(Path(data_dir), out_dir, config, cache_dir, show_progress, bundle_dir)
+    if config.recipe == "finetune":
+        return train_finetune(Path(data_dir), out_dir, config, checkpoint, cache_dir, bundle_dir)
     run = _set_up(Path(data_dir), out_dir, config, checkpoint, cache_dir)
     _train_epochs(run, run.lead and (run.console.is_terminal if show_progress is None else show_progress), on_epoch)
     return _finish_run(run, bundle_dir, export)

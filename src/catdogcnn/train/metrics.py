@@ -48,7 +48,7 @@ def predict_logits(model: nn.Module, normalize: nn.Module, images: np.ndarray, d
         x = normalize(to_batch(images, np.arange(start, min(start + batch_size, len(images))), device))
         x = x.contiguous(memory_format=torch.channels_last)
         if with_imagenet:
-            out, extra, _ = model.forward_all(x)
+            out, extra, *_ = model.forward_all(x)
             imagenet.append(extra.float().cpu())
         else:
             out = model(x)

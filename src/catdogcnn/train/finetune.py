@@ -1,0 +1,199 @@
+"""The fine-tuning recipe a 2-core CPU can run: a pretrained backbone's early blocks stay frozen and run once per
+photo (and its mirror image), in onnxruntime, their output cached on disk; the last `train_blocks` blocks, the
+class head and, with `neither_photos`, a second head for "none of the classes" train on that cache.
+
+Training the whole network on a CPU costs about 15 photos a second; the frozen part here is 85% of the work,
+done once, so an epoch of the rest runs at about 120 photos a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from catdogcnn import data as D
+from catdogcnn.bundle import atomic_write
+from catdogcnn.models import Normalize, build_model, get_spec
+from catdogcnn.train.checkpoint import check_writable, save_checkpoint
+from catdogcnn.train.config import TrainConfig
+from catdogcnn.train.dataset import prepare_data
+from catdogcnn.train.device import use_bf16
+from catdogcnn.train.finish import finish
+from catdogcnn.train.metrics import loss_and_correct
+from catdogcnn.train.openset import NeitherPhotos, load_neither
+from catdogcnn.train.optim import lr_factor, make_optimizer
+
+
+class FrozenPrefix(nn.Module):
+    """uint8 photos (N, H, W, 3) -> the activations entering block `first_trained` of the backbone."""
+
+    def __init__(self, model: nn.Module, first_trained: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.normalize, self.backbone, self.first_trained = Normalize(mean, std), model.backbone, first_trained
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        x = self.normalize(image.permute(0, 3, 1, 2).float() / 255)
+        return net._blocks[: self.first_trained](F.relu6(net._bn0(net._conv_stem(x))))
+
+
+def trained_map(model: nn.Module, first_trained: int, x: torch.Tensor) -> torch.Tensor:
+    """The last feature map from the cached activations: the trained blocks, then the head convolution."""
+    net = model.backbone
+    return F.relu6(net._bn1(net._conv_head(net._blocks[first_trained:](x))))
+
+
+def cached_activations(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str,
+                       cache_dir: Path | None, batch_size: int = 32) -> np.ndarray:
+    """The frozen prefix's output (fp16) for decoded photos, from the disk cache when computed before."""
+    import onnxruntime as ort
+
+    from catdogcnn.export import to_onnx
+
+    digest = hashlib.sha256(np.ascontiguousarray(images[:: max(1, len(images) // 64)]).tobytes())
+    digest.update(f"{len(images)}|{image_size}|{prefix.first_trained}|{name}".encode())
+    cache = Path(cache_dir) / f"activations-{digest.hexdigest()[:24]}.npy" if cache_dir else None
+    if cache and cache.exists():
+        return np.load(cache, mmap_mode="r")
+    session = ort.InferenceSession(to_onnx(prefix.eval(), image_size, ["activations"]),
+                                   providers=["CPUExecutionProvider"])
+    out = np.concatenate([session.run(None, {"image": np.ascontiguousarray(images[i:i + batch_size])})[0]
+                          .astype(np.float16) for i in range(0, len(images), batch_size)])
+    if cache:
+        buffer = io.BytesIO()
+        np.save(buffer, out)
+        atomic_write(cache, buffer.getvalue())
+    return out
+
+
+def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict | None = None,
+                   cache_dir: Path | None | bool = None, bundle_dir: Path | None = None) -> Path:
+    """Fine-tune the last blocks on cached activations; checkpoint every epoch; export the bundle."""
+    console = Console(stderr=True, soft_wrap=True)
+    check_writable(out_dir)
+    spec = get_spec(config.model)
+    image_size = config.image_size or spec.image_size
+    resize = config.resize or spec.resize
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    started = time.perf_counter()
+    dataset = prepare_data(Path(data_dir), config, image_size, resize, cache_dir)
+    neither = (load_neither(Path(config.neither_photos), list(dataset.train.paths), image_size, resize,
+                            config.neither_holdout_kinds, config.neither_holdout_photos, config.seed)
+               if config.neither_photos else None)
+    options = {"dropout": config.dropout} if config.dropout is not None else {}
+    model = build_model(config.model, len(dataset.summary["classes"]), image_size, open_set=neither is not None,
+                        **options)
+    if not hasattr(model, "backbone"):
+        raise ValueError(f"the finetune recipe needs a pretrained backbone; {config.model!r} has none")
+    first = len(model.backbone._blocks) - config.train_blocks
+    if first < 0:
+        raise ValueError(f"train_blocks must be at most {len(model.backbone._blocks)} for {config.model}")
+    prefix = FrozenPrefix(model, first, spec.mean, spec.std)
+    feature_cache = None if cache_dir is False else Path(cache_dir or D.default_cache_dir())
+    train_x = _views(prefix, image_size, dataset.train.images, "pets", feature_cache)
+    neither_x = _views(prefix, image_size, neither.images["train"], "neither", feature_cache) if neither else None
+    val_x = cached_activations(prefix, image_size, dataset.val.images, "val", feature_cache)
+    console.print(f"data: {len(dataset.train)} training, {len(dataset.val)} validation photos"
+                  + (f", {len(neither.images['train'])} 'neither' photos" if neither else "")
+                  + f"; frozen blocks cached ({time.perf_counter() - started:.0f} s)")
+    _train_epochs(model, first, config, train_x, dataset.train.labels, neither_x, out_dir, checkpoint, console)
+    val_logits = _outputs(model, first, val_x)
+    training = {"seconds": time.perf_counter() - started, "epoch": config.epochs, "trained_blocks": config.train_blocks}
+    return finish(model, bundle_dir or out_dir / "bundle", config, dataset, training, console,
+                  val_logits=val_logits[:2], val_neither=val_logits[2], neither=neither,
+                  neither_outputs=_neither_outputs(model, first, prefix, image_size, neither, feature_cache))
+
+
+def _views(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str, cache: Path | None) -> np.ndarray:
+    """(2, N, ...) activations of the photos and of their mirror images."""
+    return np.stack([cached_activations(prefix, image_size, images, name, cache),
+                     cached_activations(prefix, image_size, images[:, :, ::-1], f"{name}-mirrored", cache)])
+
+
+def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np.ndarray, labels: np.ndarray,
+                  neither_x: np.ndarray | None, out_dir: Path, checkpoint: dict | None, console: Console) -> None:
+    """Epochs over the class photos and the "neither" photos together, each seen as itself or its mirror image
+    at random. BatchNorm keeps its ImageNet statistics (batches of 64 would estimate them worse)."""
+    for name, p in model.named_parameters():
+        p.requires_grad = not name.startswith("backbone.") or name.startswith(
+            ("backbone._conv_head", "backbone._bn1")) or (name.startswith("backbone._blocks.")
+                                                         and int(name.split(".")[2]) >= first)
+    model.backbone._fc.requires_grad_(False)
+    n_pets, n_neither = len(labels), 0 if neither_x is None else neither_x.shape[1]
+    steps = math.ceil((n_pets + n_neither) / config.batch_size)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
+    start = 0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start = checkpoint["epoch"]
+    amp = use_bf16(config.precision, torch.device("cpu"))
+    for epoch in range(start, config.epochs):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        rng = np.random.default_rng(config.seed * 100_003 + epoch)  # an epoch's draws depend on (seed, epoch) alone
+        order, mirrored = rng.permutation(n_pets + n_neither), rng.random(n_pets + n_neither) < 0.5
+        began, total = time.perf_counter(), 0.0
+        for step in range(steps):
+            rows = order[step * config.batch_size:(step + 1) * config.batch_size]
+            is_neither = rows >= n_pets
+            x = np.stack([neither_x[int(m), r - n_pets] if r >= n_pets else train_x[int(m), r]
+                          for r, m in zip(rows, mirrored[rows], strict=True)])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                features = model.dropout(trained_map(model, first, torch.from_numpy(x).float()).mean((2, 3)))
+                logits = model.head(features)
+                neither_logit = model.neither(features)[:, 0] if n_neither else None
+            pets = torch.from_numpy(~is_neither)
+            loss = loss_and_correct(logits.float()[pets], torch.from_numpy(labels[rows[~is_neither]]),
+                                    config.label_smoothing)[0] / max(1, int(pets.sum()))
+            if n_neither:
+                loss = loss + config.neither_weight * F.binary_cross_entropy_with_logits(
+                    neither_logit.float(), torch.from_numpy(is_neither).float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach())
+        console.print(f"epoch {epoch + 1:>3}/{config.epochs}  loss {total / steps:.4f}  "
+                      f"{time.perf_counter() - began:.0f} s")
+        save_checkpoint(out_dir / "last.pt", {"epoch": epoch + 1, "config": asdict(config),
+                                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "scheduler": scheduler.state_dict()})
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, first: int, activations: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, ...]:
+    """(class logits, ImageNet logits, "neither" logits or None) of cached activations, in eval mode."""
+    model.eval()
+    parts = []
+    for i in range(0, len(activations), batch_size):
+        logits, imagenet, _, neither = model.outputs_from_map(
+            trained_map(model, first, torch.from_numpy(np.asarray(activations[i:i + batch_size])).float()))
+        parts.append((logits, imagenet, neither))
+    return tuple(torch.cat(p) if p[0] is not None else None for p in zip(*parts, strict=True))
+
+
+def _neither_outputs(model: nn.Module, first: int, prefix: FrozenPrefix, image_size: int,
+                     neither: NeitherPhotos | None, cache: Path | None) -> dict[str, np.ndarray]:
+    """The "neither" logits of the held-out "neither" photos (kinds seen, kinds never seen), to report."""
+    if neither is None or model.neither is None:
+        return {}
+    return {role: _outputs(model, first, cached_activations(prefix, image_size, neither.images[role],
+                                                            f"neither-{role}", cache))[2].numpy()[:, 0]
+            for role in ("seen", "unseen") if len(neither.images[role])}
