@@ -89,21 +89,23 @@ def decode_neither(paths: list[Path], image_size: int, resample: str, presize: i
 
 def load_neither(folder: Path, training_paths: list[Path], image_size: int, resample: str, holdout_kinds: float,
                  holdout_photos: float, seed: int) -> NeitherPhotos:
+    """Decode every file of `folder` (what is not a photo is reported and skipped), then split the photos by
+    kind."""
     folder = Path(folder)
     files = D.list_files(folder)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no photos for 'neither'")
     presize = typical_size(training_paths)
-    parts = split_by_kind(files, folder, holdout_kinds, holdout_photos, seed)
-    images, kinds, counts = {}, {}, {}
-    for role, paths in parts.items():
-        images[role], kept = decode_neither(paths, image_size, resample, presize)
-        kinds[role] = [kind_of(p, folder) for p in kept]
-        counts[role] = len(kept)
-    if counts["train"] == 0:
-        raise ValueError(f"{folder}: no usable 'neither' photos left to train on")
-    listing = "\n".join(str(p.relative_to(folder)) for p in files).encode()
-    summary = {"folder": folder.name, "files": len(files), "files_sha256": hashlib.sha256(listing).hexdigest(),
-               "photos": counts, "presize": presize, "unseen_kinds": sorted(set(kinds["unseen"])),
+    decoded, good = decode_neither(files, image_size, resample, presize)
+    if not good:
+        raise FileNotFoundError(f"{folder}: no photos for 'neither'")
+    row = {path: i for i, path in enumerate(good)}
+    parts = split_by_kind(good, folder, holdout_kinds, holdout_photos, seed)
+    images = {role: decoded[[row[p] for p in paths]] for role, paths in parts.items()}
+    kinds = {role: [kind_of(p, folder) for p in paths] for role, paths in parts.items()}
+    if not len(images["train"]):
+        raise ValueError(f"{folder}: no 'neither' photos left to train on")
+    listing = "\n".join(str(p.relative_to(folder)) for p in good).encode()
+    summary = {"folder": folder.name, "photos_sha256": hashlib.sha256(listing).hexdigest(),
+               "photos": {role: len(paths) for role, paths in parts.items()}, "skipped_files": len(files) - len(good),
+               "presize": presize, "unseen_kinds": sorted(set(kinds["unseen"])),
                "trained_kinds": sorted(set(kinds["train"])), "seed": seed}
     return NeitherPhotos(images, kinds, summary)

@@ -1,0 +1,133 @@
+"""The finetune recipe and the learned "neither": the photo split by kind, the cut, and tiny models trained on
+images the test makes (two classes and three), their bundles answering "neither" through the Classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_class_folder
+from PIL import Image
+
+from catdogcnn.bundle import NEITHER_OUTPUT_NAME, neither_rules, read_bundle_metadata
+from catdogcnn.calibration import neither_cut
+from catdogcnn.predict import NEITHER, Classifier
+from catdogcnn.train import TrainConfig, train
+from catdogcnn.train.openset import decode_neither, kind_of, split_by_kind
+
+KINDS = ("stripes", "checks", "grass", "sky", "bricks")
+
+
+def neither_photo(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """Photos of none of the classes: patterns that share nothing with the discs and squares of the classes."""
+    a = np.zeros((size, size, 3), np.uint8)
+    shade = int(rng.integers(0, 60))
+    if kind == "stripes":
+        a[:: int(rng.integers(3, 6))] = 255 - shade
+    elif kind == "checks":
+        a[(np.indices((size, size)).sum(0) // 8) % 2 == 0] = [shade, 200, shade]
+    elif kind == "grass":
+        a[:] = [30 + shade, 160, 40]
+    elif kind == "sky":
+        a[:] = [140, 190, 255 - shade]
+    else:
+        a[:] = [150, 60 + shade, 40]
+        a[::8] = 220
+    return Image.fromarray(np.clip(a.astype(int) + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8))
+
+
+def make_neither_folder(root: Path, per_kind: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        for i in range(per_kind):
+            neither_photo(kind, rng).save(root / f"{kind}_{i:04d}.jpg", quality=90)
+    return root
+
+
+def test_split_by_kind_holds_out_whole_kinds_and_a_share_of_the_rest(tmp_path):
+    folder = make_neither_folder(tmp_path / "neither", 10)
+    files = sorted(folder.iterdir())
+    parts = split_by_kind(files, folder, holdout_kinds=0.4, holdout_photos=0.2, seed=3)
+    kinds = {role: {kind_of(p, folder) for p in paths} for role, paths in parts.items()}
+    assert len(kinds["unseen"]) == 2 and not kinds["unseen"] & (kinds["train"] | kinds["seen"])
+    assert kinds["seen"] == kinds["train"] and len(parts["seen"]) == 3 * 2  # 20% of each trained kind's 10
+    assert sorted(sum(parts.values(), [])) == files  # every photo in exactly one part
+    assert split_by_kind(files, folder, 0.4, 0.2, seed=3) == parts  # the seed decides
+
+
+def test_kind_is_the_sub_folder_else_the_name_before_the_last_underscore(tmp_path):
+    assert kind_of(tmp_path / "red_fox_0012.jpg", tmp_path) == "red_fox"
+    assert kind_of(tmp_path / "scenes" / "IMG_1.jpg", tmp_path) == "scenes"
+
+
+def test_the_cut_turns_away_the_asked_share_of_validation_photos():
+    scores = np.linspace(0, 1, 1001)
+    cut = neither_cut(scores, 0.01)
+    assert (scores > cut).mean() <= 0.01 and (scores >= cut).mean() > 0.01 - 1e-9
+
+
+def test_neither_photos_are_no_sharper_than_the_training_photos(tmp_path):
+    rng = np.random.default_rng(0)
+    sharp = tmp_path / "checks_0001.png"
+    neither_photo("checks", rng, size=256).save(sharp)
+    presized, _ = decode_neither([sharp], 128, "bilinear", presize=32)
+    direct, _ = decode_neither([sharp], 128, "bilinear", presize=512)
+    # Through 32 px the 8-px checks blur away: far less detail than when resized straight to 128.
+    assert np.abs(np.diff(presized[0].astype(int), axis=1)).mean() < 0.5 * np.abs(np.diff(direct[0].astype(int),
+                                                                                          axis=1)).mean()
+
+
+def open_set_run(root: Path, classes: tuple[str, ...]) -> tuple[Path, Path]:
+    make_class_folder(root / "data", 30, seed=1, classes=classes)
+    neither = make_neither_folder(root / "neither", 12, seed=2)
+    config = TrainConfig(model="efficientnet_lite0", image_size=64, recipe="finetune", train_blocks=1, epochs=3,
+                         batch_size=16, lr=3e-3, backbone_lr_scale=0.1, optimizer="adamw", neither_photos=str(neither),
+                         neither_holdout_kinds=0.2, neither_pets_flagged=0.05, val_fraction=0.2, tta="off", threads=2)
+    return train(root / "data", root / "run", config, cache_dir=root / "cache", show_progress=False), neither
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    return open_set_run(tmp_path_factory.mktemp("open_set"), ("cats", "dogs"))
+
+
+@pytest.mark.slow
+def test_the_bundle_carries_a_learned_rule_cut_on_validation_photos(two_classes):
+    bundle, _ = two_classes
+    metadata = read_bundle_metadata(bundle)
+    (rule,) = neither_rules(metadata)
+    assert rule["kind"] == "learned" and rule["output"] == NEITHER_OUTPUT_NAME
+    assert NEITHER_OUTPUT_NAME in metadata["graph"]["outputs"]
+    entry = metadata["neither"]
+    assert entry["fitted_on"] == "validation photos" and entry["val_pets_flagged"] <= entry["target_pets_flagged"]
+    photos = entry["photos"]
+    assert photos["folder"] == "neither" and len(photos["unseen_kinds"]) == 1
+    assert set(photos["unseen_kinds"]).isdisjoint(photos["trained_kinds"])
+    assert metadata["training"]["config"]["neither_photos"] == "neither"  # the folder's name, not its path
+
+
+@pytest.mark.slow
+def test_the_classifier_answers_neither_for_what_it_learned_and_a_class_for_pets(two_classes, tmp_path):
+    bundle, _ = two_classes
+    fresh = make_neither_folder(tmp_path / "fresh", 6, seed=9)
+    pets = make_class_folder(tmp_path / "pets", 10, seed=7)
+    classifier = Classifier(bundle)
+    answers = [p.label for p in classifier.predict_many([fresh])]
+    assert answers.count(NEITHER) >= 0.8 * len(answers), answers
+    pet_answers = list(classifier.predict_many([pets]))
+    assert sum(p.label == NEITHER for p in pet_answers) <= 0.2 * len(pet_answers)
+    flagged = next(p for p in classifier.predict_many([fresh]) if p.label == NEITHER)
+    assert flagged.reason and "neither" in flagged.reason.lower()
+    assert NEITHER not in {p.label for p in Classifier(bundle, neither=False).predict_many([fresh])}
+
+
+@pytest.mark.slow
+def test_three_classes_with_neither(tmp_path):
+    bundle, _ = open_set_run(tmp_path, ("birds", "cats", "dogs"))
+    classifier = Classifier(bundle)
+    assert classifier.classes == ["birds", "cats", "dogs"]
+    assert neither_rules(read_bundle_metadata(bundle))[0]["kind"] == "learned"
+    answers = [p.label for p in classifier.predict_many([make_neither_folder(tmp_path / "fresh", 4, seed=5)])]
+    assert answers.count(NEITHER) >= 0.8 * len(answers), answers
