@@ -185,6 +185,67 @@ def brightness_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def neither_bundle(tmp_path_factory):
+    """Write a 32 px bundle with answers known in advance: class probabilities are the photo's mean red, green
+    (and blue, for three classes) in proportion; `neither_probability` is the mean brightness (0-1) of the
+    photo's left half, so that its mirror image scores the right half; `imagenet_probabilities` is
+    (that brightness, 1 - it), named ('lakeside', 'tabby'), the second the pet. `neither` is bundle.json's
+    entry (None: no entry)."""
+    from onnx import TensorProto, helper
+
+    from catdogcnn.bundle import IMAGENET_OUTPUT_NAME, INPUT_NAME, NEITHER_OUTPUT_NAME, OUTPUT_NAME, write_bundle
+
+    def write(name: str, neither: dict | None, classes: tuple[str, ...] = ("cats", "dogs")) -> Path:
+        n = len(classes)
+        nodes = [helper.make_node("Cast", [INPUT_NAME], ["pixels"], to=TensorProto.FLOAT),
+                 helper.make_node("Div", ["pixels", "full_scale"], ["scaled"]),
+                 helper.make_node("ReduceMean", ["scaled"], ["channels"], axes=[1, 2], keepdims=0),
+                 helper.make_node("Slice", ["channels", "zero", "n_classes", "one_axis"], ["class_means"]),
+                 helper.make_node("Add", ["class_means", "small"], ["weights"]),  # never 0 / 0 on black
+                 helper.make_node("ReduceSum", ["weights", "one_axis"], ["total"], keepdims=1),
+                 helper.make_node("Div", ["weights", "total"], [OUTPUT_NAME]),
+                 helper.make_node("Slice", ["scaled", "zero", "half_width", "width_axis"], ["left_half"]),
+                 helper.make_node("ReduceMean", ["left_half"], ["left_mean"], axes=[1, 2, 3], keepdims=0),
+                 helper.make_node("Unsqueeze", ["left_mean", "one_axis"], [NEITHER_OUTPUT_NAME]),
+                 helper.make_node("Sub", ["unit", NEITHER_OUTPUT_NAME], ["pet"]),
+                 helper.make_node("Concat", [NEITHER_OUTPUT_NAME, "pet"], [IMAGENET_OUTPUT_NAME], axis=1)]
+        constants = [helper.make_tensor("full_scale", TensorProto.FLOAT, [], [255.0]),
+                     helper.make_tensor("unit", TensorProto.FLOAT, [], [1.0]),
+                     helper.make_tensor("small", TensorProto.FLOAT, [], [1e-3]),
+                     helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+                     helper.make_tensor("n_classes", TensorProto.INT64, [1], [n]),
+                     helper.make_tensor("half_width", TensorProto.INT64, [1], [16]),
+                     helper.make_tensor("one_axis", TensorProto.INT64, [1], [1]),
+                     helper.make_tensor("width_axis", TensorProto.INT64, [1], [2])]
+        outputs = [OUTPUT_NAME, NEITHER_OUTPUT_NAME, IMAGENET_OUTPUT_NAME]
+        graph = helper.make_graph(
+            nodes, "neither", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["n", 32, 32, 3])],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", size])
+             for name, size in zip(outputs, (n, 1, 2), strict=True)], constants)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        metadata = {"architecture": "brightness", "classes": list(classes), "threshold": 0.5,
+                    "input": {"image_size": 32, "resize": "bilinear"}, "metrics": {"val_accuracy": 0.5},
+                    **({"neither": neither} if neither is not None else {})}
+        return write_bundle(tmp_path_factory.mktemp("bundle") / name, model.SerializeToString(), metadata, outputs)
+
+    return write
+
+
+@pytest.fixture
+def pets_and_others(tmp_path) -> tuple[Path, Path]:
+    """For `neither_bundle`: a labelled folder of 9 dim photos, one cat photo bright (left-half brightness 0.94),
+    and a folder of 4 photos of neither class, 3 of them bright. PNG: the brightness is exact."""
+    dim_red, dim_green, bright = (120, 40, 10), (40, 120, 10), (230, 240, 250)
+    folders = {tmp_path / "pets" / "cats": [dim_red] * 4 + [bright], tmp_path / "pets" / "dogs": [dim_green] * 4,
+               tmp_path / "others": [bright] * 3 + [dim_red]}
+    for folder, colours in folders.items():
+        folder.mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+    return tmp_path / "pets", tmp_path / "others"
+
+
+@pytest.fixture(scope="session")
 def non_pet_photos(tmp_path_factory) -> Path:
     """Real photos with no cat or dog (scikit-image's and scikit-learn's sample images)."""
     pytest.importorskip("skimage", reason="scikit-image provides the non-pet sample photos")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from catdogcnn import BadImageError, BundleError, Classifier, load_classifier
-from catdogcnn.bundle import default_bundle_path
+from catdogcnn.bundle import IMAGENET_OUTPUT_NAME, NEITHER_OUTPUT_NAME, default_bundle_path
 
 
 def test_predict_one_photo(tiny_bundle, tmp_path, synthetic_photo):
@@ -95,3 +95,108 @@ def test_threshold_outside_0_1_is_refused(tiny_bundle, tmp_path):
     (copy / "bundle.json").write_text(json.dumps({**meta, "threshold": 2}))
     with pytest.raises(BundleError, match=r"bundle\.json's threshold must be between 0 and 1, not 2"):
         Classifier(copy)
+
+
+# --------------------------------------------------------------------------- "neither": the bundle's rules
+
+LEARNED = {"kind": "learned", "output": NEITHER_OUTPUT_NAME, "max": 0.7}
+IMAGENET = {"kind": "imagenet", "output": IMAGENET_OUTPUT_NAME, "pet_indices": [1], "min_pet_probability": 0.2,
+            "imagenet_names": ["lakeside", "tabby"]}
+
+
+def halves(left: tuple[int, int, int], right: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A 32 x 32 photo: its left half one colour, its right half another (by default the same)."""
+    image = np.empty((32, 32, 3), np.uint8)
+    image[:, :16], image[:, 16:] = left, left if right is None else right
+    return image
+
+
+class RecordingSession:
+    """An onnxruntime session that notes the outputs each call asks for."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, []
+
+    def run(self, names, feeds):
+        self.calls.append(list(names))
+        return self.session.run(names, feeds)
+
+
+def test_a_learned_rule_answers_neither_above_its_cut(neither_bundle):
+    bundle = neither_bundle("learned", {"rules": [LEARNED], "val_pets_flagged": 0.01, "fitted_on": "validation"})
+    clf = Classifier(bundle)
+    assert clf.neither_cuts == [{"kind": "learned", "cut": 0.7}]
+    bright = clf.predict(halves((230, 240, 250)))  # left half's brightness: 240 / 255 = 0.941
+    assert bright.label == "neither" and bright.confidence == pytest.approx(240 / 255, abs=1e-4)
+    assert bright.reason.startswith("none of cats, dogs: the model's 'neither' score 0.941 is above its cut 0.7")
+    assert "ImageNet" not in bright.reason and set(bright.probabilities) == {"cats", "dogs"}
+    dark = clf.predict(halves((40, 120, 10)))  # brightness 0.22; p(dogs) = 120 / 160
+    assert (dark.label, dark.reason) == ("dogs", None) and dark.confidence == pytest.approx(0.75, abs=1e-3)
+    assert Classifier(bundle, neither=False).predict(halves((230, 240, 250))).label == "dogs"
+
+
+def test_only_the_outputs_the_rules_need_are_fetched_in_one_call(neither_bundle):
+    bundle = neither_bundle("learned_only", {"rules": [LEARNED]})
+    photos = np.stack([halves((230, 240, 250)), halves((40, 120, 10))])
+    for options, fetched in (({}, ["probabilities", NEITHER_OUTPUT_NAME]), ({"neither": False}, ["probabilities"])):
+        clf = Classifier(bundle, **options)
+        clf.session = RecordingSession(clf.session)
+        clf.predict_decoded(photos, ["a", "b"])
+        assert clf.session.calls == [fetched]
+
+
+def test_the_first_rule_that_fires_gives_the_reason(neither_bundle):
+    clf = Classifier(neither_bundle("both", {"rules": [{**LEARNED, "max": 0.9}, IMAGENET]}))
+    very_bright = clf.predict(halves((240, 240, 240)))  # 0.941: both rules fire; the learned one is first
+    assert very_bright.confidence == pytest.approx(240 / 255, abs=1e-4)
+    assert very_bright.reason.endswith("score 0.941 is above its cut 0.9; ImageNet sees 'lakeside' (94%)")
+    bright = clf.predict(halves((217, 217, 217)))  # 0.851: below the learned cut, the pet mass 0.149 below 0.2
+    assert bright.label == "neither" and bright.confidence == pytest.approx(217 / 255, abs=1e-4)
+    assert bright.reason == "none of cats, dogs: ImageNet sees 'lakeside' (85%), cats or dogs 14.9%"
+    assert clf.predict(halves((150, 200, 150))).label == "dogs"
+
+
+def test_a_bundle_of_the_first_format_keeps_its_imagenet_rule(neither_bundle):
+    old = {key: value for key, value in IMAGENET.items() if key != "kind"}
+    clf = Classifier(neither_bundle("first_format", {**old, "val_pets_flagged": 0.005}))
+    clf.session = RecordingSession(clf.session)
+    assert clf.neither_cuts == [{"kind": "imagenet", "cut": 0.2}]
+    bright = clf.predict(halves((230, 240, 250)))
+    assert clf.session.calls == [["probabilities", IMAGENET_OUTPUT_NAME]]
+    assert bright.label == "neither" and bright.confidence == pytest.approx(240 / 255, abs=1e-4)
+    assert "ImageNet sees 'lakeside' (94%), cats or dogs 5.9%" in bright.reason
+    assert clf.predict(halves((120, 40, 10))).label == "cats"
+
+
+def test_a_bundle_without_neither_never_answers_it(neither_bundle):
+    clf = Classifier(neither_bundle("no_rule", None))
+    assert clf.neither_rules == [] and clf.neither_cuts == []
+    assert [clf.predict(halves(c)).label for c in ((255, 255, 255), (250, 0, 0), (0, 250, 0))] == \
+        ["cats", "cats", "dogs"]
+
+
+def test_three_classes_with_a_learned_rule(neither_bundle):
+    clf = Classifier(neither_bundle("three", {"rules": [LEARNED]}, classes=("red", "green", "blue")))
+    answers = [clf.predict(halves(c)) for c in ((90, 20, 10), (10, 20, 90), (240, 200, 250))]
+    assert [p.label for p in answers] == ["red", "blue", "neither"]
+    assert answers[1].confidence == pytest.approx(90 / 120, abs=5e-3)
+    assert answers[2].reason.startswith("none of red, green, blue: the model's 'neither' score 0.902")
+
+
+def test_mirror_averaging_averages_the_neither_score(neither_bundle):
+    bundle = neither_bundle("mirrored", {"rules": [LEARNED]})
+    plain, mirrored = Classifier(bundle, tta=False), Classifier(bundle, tta=True)
+    half_bright = halves((255, 255, 255), (153, 153, 153))  # left half 1.0, right half 0.6
+    assert plain.predict(half_bright).confidence == pytest.approx(1.0, abs=1e-4)
+    assert mirrored.predict(half_bright).confidence == pytest.approx(0.8, abs=1e-4)
+    half_dark = halves((255, 255, 255), (0, 0, 0))  # 1.0 alone, 0.5 averaged with its mirror image
+    assert plain.predict(half_dark).label == "neither" and mirrored.predict(half_dark).label != "neither"
+
+
+@pytest.mark.parametrize("rule, words", [({"kind": "magic", "max": 0.5}, "of unknown kind 'magic'"),
+                                         ({"kind": "learned"}, "'learned' lacks its cut"),
+                                         ({**LEARNED, "output": "nowhere"}, "reads 'nowhere', which the graph")])
+def test_a_rule_that_cannot_be_applied_is_a_one_line_error(neither_bundle, rule, words):
+    bundle = neither_bundle("bad_rule", {"rules": [rule]})
+    with pytest.raises(BundleError, match=rf"^{bundle / 'bundle.json'}: 'neither' rule .*{words}[^\n]*$"):
+        Classifier(bundle)

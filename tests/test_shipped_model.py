@@ -17,8 +17,9 @@ def shipped():
 
 def test_shipped_bundle_has_the_neither_rule(shipped):
     assert shipped.classes == ["cats", "dogs"] and shipped.metadata["quantization"]["label_agreement"] > 0.99
-    assert shipped.neither_rule and 0 < shipped.neither_rule["min_pet_probability"] < 0.5
-    assert len(shipped.neither_rule["imagenet_names"]) == 1000
+    [rule] = shipped.neither_rules
+    assert rule["kind"] == "imagenet" and 0 < rule["min_pet_probability"] < 0.5
+    assert len(rule["imagenet_names"]) == 1000
 
 
 def test_non_pets_are_answered_neither(shipped, non_pet_photos):
@@ -67,7 +68,7 @@ def test_shipped_model_on_the_real_test_set(shipped, real_data):
 def test_shipped_from_scratch_model_on_the_real_test_set(real_data):
     """models/resnet_small: no pretrained weights, trained in under 30 minutes on 2 cores (README)."""
     clf = load_classifier(bundled_models_dir() / "resnet_small")
-    assert clf.metadata["architecture"] == "resnet_small" and not clf.neither_rule
+    assert clf.metadata["architecture"] == "resnet_small" and not clf.neither_rules
     result = evaluate(real_data, clf)
     assert result["n"] == 2000 and result["accuracy"] >= 0.9, result
 

@@ -19,11 +19,14 @@ import numpy as np
 from catdogcnn.bundle import (
     ACTIVATION_OUTPUT_NAME,
     IMAGENET_OUTPUT_NAME,
+    METADATA_FILE,
+    NEITHER_OUTPUT_NAME,
     OUTPUT_NAME,
     BundleError,
     default_bundle_path,
     find_bundle,
     graph_path,
+    neither_rules,
     read_bundle_metadata,
     read_graph,
 )
@@ -34,6 +37,9 @@ if TYPE_CHECKING:  # onnxruntime is imported when a Classifier is made: `import 
     import onnxruntime as ort
 
 NEITHER = "neither"
+# The graph output each kind of "neither" rule reads, and the key of its cut in bundle.json.
+RULE_OUTPUTS = {"learned": NEITHER_OUTPUT_NAME, "imagenet": IMAGENET_OUTPUT_NAME}
+RULE_CUTS = {"learned": "max", "imagenet": "min_pet_probability"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Prediction:
     confidence: float | None
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
-    reason: str | None = None  # why the label is "neither": the ImageNet head's top guess
+    reason: str | None = None  # why the label is "neither": the rule that fired, with its score and cut
     # Where in the photo the answer comes from: (h, w) in [0, 1] over the model's input; only when asked.
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -107,14 +113,33 @@ class Classifier:
             raise BundleError(f"{graph}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
         self._input = self.metadata["graph"]["input"]
         self._outputs = list(self.metadata["graph"]["outputs"])
-        # "Neither cat nor dog": only bundles that carry an ImageNet head and its calibrated threshold.
-        self.neither_rule = self.metadata.get("neither") if neither else None
-        if self.neither_rule:
-            self._pet_indices = np.asarray(self.neither_rule["pet_indices"])
-        self._outputs_used = [OUTPUT_NAME] + ([IMAGENET_OUTPUT_NAME] if self.neither_rule else [])
+        # "Neither" (none of the classes): the bundle's rules, each with the graph output it reads.
+        self.neither_rules: list[dict] = neither_rules(self.metadata) if neither else []
+        self._rule_outputs = [self._rule_output(rule) for rule in self.neither_rules]
+        self._pet_indices = [np.asarray(rule.get("pet_indices", []), np.int64) for rule in self.neither_rules]
+        self._outputs_used = list(dict.fromkeys([OUTPUT_NAME, *self._rule_outputs]))
         self.can_explain = ACTIVATION_OUTPUT_NAME in self._outputs
         # Pay for memory planning now, not on the first photo.
         self._run(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
+
+    def _rule_output(self, rule: dict) -> str:
+        """The graph output a "neither" rule reads; BundleError when bundle.json's rule cannot be applied."""
+        where = f"{self.bundle / METADATA_FILE if self.bundle.is_dir() else self.bundle}: 'neither' rule"
+        kind = rule.get("kind")
+        if kind not in RULE_OUTPUTS:
+            raise BundleError(f"{where} of unknown kind {kind!r} (known: {', '.join(RULE_OUTPUTS)})")
+        if RULE_CUTS[kind] not in rule or (kind == "imagenet" and not {"pet_indices", "imagenet_names"} <= set(rule)):
+            raise BundleError(f"{where} {kind!r} lacks its cut or its ImageNet indices and names")
+        output = rule.get("output", RULE_OUTPUTS[kind])
+        if output not in self._outputs:
+            raise BundleError(f"{where} {kind!r} reads {output!r}, which the graph does not output")
+        return output
+
+    @property
+    def neither_cuts(self) -> list[dict]:
+        """What a client needs to know of the "neither" rules: each one's kind and cut (`learned`: the model's
+        "neither" score above it; `imagenet`: the classes' ImageNet probability below it)."""
+        return [{"kind": rule["kind"], "cut": float(rule[RULE_CUTS[rule["kind"]]])} for rule in self.neither_rules]
 
     def __repr__(self) -> str:
         return f"Classifier({self.model_id!r}, classes={self.classes}, threshold={self.threshold})"
@@ -143,22 +168,44 @@ class Classifier:
         if explain and not self.can_explain:
             raise BundleError(f"{self.bundle}: this model has no class activation output, so no heat maps")
         outputs = self._run(images, explain)
+        by_name = dict(zip(self._outputs_used, outputs, strict=False))
         out = []
         for i, (source, probabilities) in enumerate(zip(sources, outputs[0], strict=True)):
             per_class = {c: float(p) for c, p in zip(self.classes, probabilities, strict=True)}
             label, confidence = self.label(probabilities)
+            neither = self._neither(by_name, i)
             reason = None
-            if self.neither_rule:
-                imagenet = outputs[1][i]
-                pet_mass = float(imagenet[self._pet_indices].sum())
-                if pet_mass < self.neither_rule["min_pet_probability"]:
-                    top = int(np.argmax(imagenet))
-                    label, confidence = NEITHER, 1.0 - pet_mass
-                    reason = (f"no cat or dog found: ImageNet sees {self.neither_rule['imagenet_names'][top]!r} "
-                              f"({imagenet[top]:.0%}), cat or dog {pet_mass:.1%}")
+            if neither:
+                label, (confidence, reason) = NEITHER, neither
             heat = _heatmap(outputs[-1][i], self.classes, per_class) if explain else None
             out.append(Prediction(source, label, confidence, per_class, reason=reason, heatmap=heat))
         return out
+
+    def _neither(self, outputs: dict[str, np.ndarray], i: int) -> tuple[float, str] | None:
+        """Confidence and reason of the first "neither" rule that fires on photo `i`, or None when none does."""
+        none_of = f"none of {', '.join(self.classes)}"
+        for rule, output, pet_indices in zip(self.neither_rules, self._rule_outputs, self._pet_indices, strict=True):
+            if rule["kind"] == "learned":
+                score = float(outputs[output][i].reshape(-1)[0])
+                if score > rule["max"]:
+                    guess = self._imagenet_guess(outputs, i)
+                    return score, (f"{none_of}: the model's 'neither' score {score:.3g} is above its cut "
+                                   f"{rule['max']:.3g}" + (f"; {guess}" if guess else ""))
+            else:
+                pet_mass = float(outputs[output][i][pet_indices].sum())
+                if pet_mass < rule["min_pet_probability"]:
+                    return 1.0 - pet_mass, (f"{none_of}: {self._imagenet_guess(outputs, i)}, "
+                                            f"{' or '.join(self.classes)} {pet_mass:.1%}")
+        return None
+
+    def _imagenet_guess(self, outputs: dict[str, np.ndarray], i: int) -> str | None:
+        """ImageNet's top guess for photo `i`, when a rule reads the graph's ImageNet head (and has its names)."""
+        for rule, output in zip(self.neither_rules, self._rule_outputs, strict=True):
+            if rule["kind"] == "imagenet":
+                imagenet = outputs[output][i]
+                top = int(np.argmax(imagenet))
+                return f"ImageNet sees {rule['imagenet_names'][top]!r} ({imagenet[top]:.0%})"
+        return None
 
     def predict(self, photo: ImageSource, explain: bool = False) -> Prediction:
         """One photo (path, bytes, file object, Pillow image or uint8 RGB array); raises BadImageError when it

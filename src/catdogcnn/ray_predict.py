@@ -60,7 +60,7 @@ def label_with_ray(classifier: Classifier, photos: Iterable[str | os.PathLike], 
     folder = classifier.bundle if classifier.bundle.is_dir() else classifier.bundle.parent
     files = {name: (folder / name).read_bytes() for name in ("bundle.json", classifier.metadata["graph"]["file"])}
     options = {"threshold": classifier.threshold, "tta": classifier.tta,
-               "neither": classifier.neither_rule is not None, "threads": 1}
+               "neither": bool(classifier.neither_rules), "threads": 1}
     if not ray.is_initialized():
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
