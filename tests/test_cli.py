@@ -63,6 +63,16 @@ def test_evaluate_json(tiny_bundle, seed_layout, run_cli):
     assert sum(map(sum, report["confusion_matrix"])) == 60
 
 
+def test_evaluate_prints_the_neither_rules_and_rates(neither_bundle, pets_and_others, run_cli):
+    pets, others = pets_and_others
+    bundle = neither_bundle("cli", {"rules": [{"kind": "learned", "output": "neither_probability", "max": 0.7}]})
+    result = run_cli("evaluate", pets, "--model", bundle, "--non-pets", others)
+    assert result.returncode == 0, result.stderr
+    printed = " ".join(result.stdout.split())  # the table printer wraps long lines
+    assert ("'neither' (the model's 'neither' score above 0.7): 11.11% of these photos, 75.00% of 4 photos of "
+            "none of the classes") in printed
+
+
 def test_data_check(seed_layout, write_bad_files, run_cli):
     write_bad_files(seed_layout / "training_set" / "cats")
     report = json.loads(run_cli("data", "check", seed_layout, "--json").stdout)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catdogcnn.evaluate import evaluate
+from catdogcnn.bundle import NEITHER_OUTPUT_NAME
+from catdogcnn.evaluate import describe_neither_rules, evaluate
 from catdogcnn.predict import Classifier
 
 
@@ -24,6 +25,24 @@ def test_unknown_class_folder_is_an_error(tiny_bundle, tmp_path, make_class_fold
     make_class_folder(tmp_path, 2, classes=("cats", "horses"))
     with pytest.raises(ValueError, match="horses"):
         evaluate(tmp_path, Classifier(tiny_bundle))
+
+
+def test_neither_is_reported_with_its_rules(neither_bundle, pets_and_others):
+    pets, others = pets_and_others
+    bundle = neither_bundle("evaluated", {"rules": [{"kind": "learned", "output": NEITHER_OUTPUT_NAME, "max": 0.7}]})
+    result = evaluate(pets, Classifier(bundle), non_pets=others)
+    assert result["neither"] == {"rules": [{"kind": "learned", "cut": 0.7}], "pets_flagged": pytest.approx(1 / 9),
+                                 "non_pets_n": 4, "non_pets_flagged": 0.75}
+    # The class metrics use the class decision alone: the bright cat photo counts by its probabilities.
+    assert result["n"] == 9 and result["confusion_matrix"] == [[4, 1], [0, 4]]
+    assert evaluate(pets, Classifier(bundle, neither=False), non_pets=others)["neither"] is None
+    assert evaluate(pets, Classifier(neither_bundle("unruled", None)))["neither"] is None
+
+
+def test_neither_rules_in_words():
+    rules = [{"kind": "learned", "cut": 0.12}, {"kind": "imagenet", "cut": 0.0676}]
+    assert describe_neither_rules(rules) == ("the model's 'neither' score above 0.12 or ImageNet's probability of "
+                                             "the classes below 0.0676")
 
 
 def test_seed_cnn_bundle_on_the_real_test_set(real_data):

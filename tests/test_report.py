@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -34,6 +35,17 @@ def test_report_on_a_synthetic_set(tiny_bundle, tmp_path, make_class_folder):
     cli = subprocess.run([sys.executable, "-m", "catdogcnn", "evaluate", str(tmp_path / "data"), "--model",
                           str(tiny_bundle), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(cli.stdout)["accuracy"] == result["accuracy"]
+
+
+def test_report_names_the_neither_rules(neither_bundle, pets_and_others, tmp_path):
+    pets, others = pets_and_others
+    clf = Classifier(neither_bundle("reported", {"rules": [{"kind": "learned", "output": "neither_probability",
+                                                            "max": 0.7}]}))
+    page = evaluation_report(evaluate(pets, clf, non_pets=others, details=True), clf, tmp_path / "report")
+    text = html.unescape(page.read_text())
+    for row in ("'neither' rules</th><td>the model's 'neither' score above 0.7",
+                "'neither' among these photos</th><td>11.11%", "none of the classes</th><td>75.00% of 4"):
+        assert row in text, row
 
 
 @pytest.mark.slow

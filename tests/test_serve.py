@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from catdogcnn import serve
 from catdogcnn.predict import Classifier
@@ -119,6 +121,29 @@ def test_health_and_model(client):
                                                "model_id": client.get("/v1/model").json()["model_id"]}
     model = client.get("/v1/model").json()
     assert model["classes"] == ["cats", "dogs"] and model["threshold"] == 0.5
+    # What a client needs, not the bundle's training details or file paths.
+    assert set(model) == {"model_id", "classes", "image_size", "threshold", "tta", "metrics", "neither"}
+    assert model["image_size"] == 64 and model["neither"] is None
+
+
+def test_neither_answers_and_rules(neither_bundle):
+    bundle = neither_bundle("served", {"rules": [{"kind": "learned", "output": "neither_probability", "max": 0.7},
+                                                 {"kind": "imagenet", "output": "imagenet_probabilities",
+                                                  "pet_indices": [1], "min_pet_probability": 0.2,
+                                                  "imagenet_names": ["lakeside", "tabby"]}],
+                                       "fitted_on": "validation photos"})
+    photos = {}
+    for name, colour in (("bright", (240, 240, 240)), ("dim", (40, 120, 10))):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buffer, "PNG")
+        photos[name] = buffer.getvalue()
+    with TestClient(create_app(bundle)) as c:
+        model = c.get("/v1/model").json()
+        results = post(c, *((f"{name}.png", data, "image/png") for name, data in photos.items())).json()["results"]
+    assert model["neither"] == {"rules": [{"kind": "learned", "cut": 0.7}, {"kind": "imagenet", "cut": 0.2}]}
+    assert "lakeside" not in str(model) and "fitted_on" not in str(model)
+    assert [r["label"] for r in results] == ["neither", "dogs"]
+    assert "'neither' score 0.941 is above its cut 0.7; ImageNet sees 'lakeside'" in results[0]["reason"]
 
 
 def test_page_and_docs(client):

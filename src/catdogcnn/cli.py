@@ -52,7 +52,7 @@ ThresholdOption = Annotated[float | None, typer.Option(help="Decision threshold 
 TtaOption = Annotated[bool | None, typer.Option("--tta/--no-tta", help="Average over the photo and its mirror "
                                                 "image (default: the bundle's setting).")]
 NeitherOption = Annotated[bool, typer.Option("--neither/--no-neither", help="Answer 'neither' when the photo "
-                                             "shows no cat or dog (bundles with an ImageNet head).")]
+                                             "shows none of the classes (bundles with a 'neither' rule).")]
 
 
 @app.command()
@@ -161,13 +161,14 @@ def evaluate(
     threshold: ThresholdOption = None,
     tta: TtaOption = None,
     neither: NeitherOption = True,
-    non_pets: Annotated[Path | None, typer.Option(help="A folder of photos with no cat or dog: reports how many "
-                                                  "are answered 'neither'.")] = None,
+    non_pets: Annotated[Path | None, typer.Option(help="A folder of photos that show none of the "
+                                                  "classes: reports how many are answered 'neither'.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     report: Annotated[Path | None, typer.Option(help="Also write an HTML report with plots into this folder.")]
     = None,
 ) -> None:
     """Accuracy, precision/recall/F1, confusion matrix, ROC AUC and log loss of a model on a folder."""
+    from catdogcnn.evaluate import describe_neither_rules
     from catdogcnn.evaluate import evaluate as run_evaluation
     from catdogcnn.predict import load_classifier
 
@@ -194,9 +195,10 @@ def evaluate(
     for name, m in result["per_class"].items():
         table.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
     if result["neither"] is not None:
-        line = f"'neither' (no cat or dog): {result['neither']['pets_flagged']:.2%} of these photos"
-        if result["neither"].get("non_pets_flagged") is not None:
-            line += f", {result['neither']['non_pets_flagged']:.2%} of {result['neither']['non_pets_n']} non-pet photos"
+        neither = result["neither"]
+        line = f"'neither' ({describe_neither_rules(neither['rules'])}): {neither['pets_flagged']:.2%} of these photos"
+        if neither.get("non_pets_flagged") is not None:
+            line += f", {neither['non_pets_flagged']:.2%} of {neither['non_pets_n']} photos of none of the classes"
         console.print(line)
     console.print(table)
     matrix = Table("true \\ predicted", *result["classes"], title="confusion matrix")

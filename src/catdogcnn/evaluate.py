@@ -11,13 +11,21 @@ from catdogcnn.data import evaluation_folder, scan_folder
 from catdogcnn.predict import NEITHER, Classifier
 
 
+def describe_neither_rules(rules: list[dict]) -> str:
+    """The "neither" rules (kind and cut, as in `evaluate`'s result) in words, for people."""
+    words = {"learned": "the model's 'neither' score above {:.3g}",
+             "imagenet": "ImageNet's probability of the classes below {:.3g}"}
+    return " or ".join(words[rule["kind"]].format(rule["cut"]) for rule in rules)
+
+
 def evaluate(data_dir: str | Path, classifier: Classifier, batch_size: int | None = None,
              non_pets: str | Path | None = None, details: bool = False) -> dict:
     """Accuracy, per-class precision/recall/F1, confusion matrix, ROC AUC, log loss and the bad files.
 
     Class folders are matched to the bundle's classes by name; a folder the bundle does not know is an error.
-    The class metrics use the class decision alone; "neither" (no cat or dog) is a separate decision,
-    reported as the share of these photos it flags and, with `non_pets`, the share of non-pet photos.
+    The class metrics use the class decision alone; "neither" (none of the classes) is a separate decision:
+    its rules (kind and cut), the share of these photos it flags and, with `non_pets` (a folder of photos that
+    show none of the classes), the share of those it flags.
     `details` adds `photos`: path, true class, probabilities and answer of every photo (for reports).
     """
     from sklearn import metrics
@@ -62,9 +70,8 @@ def evaluate(data_dir: str | Path, classifier: Classifier, batch_size: int | Non
         "bad_files": bad,
         "neither": None,
     }
-    if classifier.neither_rule:
-        result["neither"] = {"pets_flagged": flagged / len(y), "min_pet_probability":
-                             classifier.neither_rule["min_pet_probability"]}
+    if classifier.neither_rules:
+        result["neither"] = {"rules": classifier.neither_cuts, "pets_flagged": flagged / len(y)}
         if non_pets:
             answers = [p for p in classifier.predict_many([non_pets], batch_size) if p.ok]
             result["neither"]["non_pets_n"] = len(answers)

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from catdogcnn.calibration import decide, one_vs_rest, reliability  # noqa: E402
+from catdogcnn.evaluate import describe_neither_rules  # noqa: E402
 from catdogcnn.predict import Classifier  # noqa: E402
 
 SEED_THRESHOLD = 0.6
@@ -131,9 +132,11 @@ def evaluation_report(result: dict, classifier: Classifier, out_dir: str | Path,
     rows += [(f"{name}: precision / recall / F1", f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}")
              for name, m in result["per_class"].items()]
     if result.get("neither"):
+        rows.append(("'neither' rules", describe_neither_rules(result["neither"]["rules"])))
         rows.append(("'neither' among these photos", f"{result['neither']['pets_flagged']:.2%}"))
         if result["neither"].get("non_pets_flagged") is not None:
-            rows.append(("'neither' among non-pet photos", f"{result['neither']['non_pets_flagged']:.2%}"))
+            rows.append(("'neither' among photos of none of the classes",
+                         f"{result['neither']['non_pets_flagged']:.2%} of {result['neither']['non_pets_n']}"))
     calibration = classifier.metadata.get("calibration")
     if calibration:
         rows.append(("validation ECE before / after temperature",

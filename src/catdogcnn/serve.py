@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -85,6 +85,25 @@ class HealthResponse(BaseModel):
     status: str
     model_loaded: bool
     model_id: str | None
+
+
+class NeitherRule(BaseModel):
+    kind: Literal["learned", "imagenet"]  # learned: the model's "neither" score above the cut answers "neither";
+    cut: float  # imagenet: the classes' ImageNet probability below it
+
+
+class NeitherRules(BaseModel):
+    rules: list[NeitherRule]  # a photo is answered "neither" when any rule fires
+
+
+class ModelResponse(BaseModel):
+    model_id: str
+    classes: list[str]
+    image_size: int  # photos are resized to image_size x image_size pixels
+    threshold: float
+    tta: bool  # whether each photo is averaged with its mirror image
+    metrics: dict[str, Any] | None  # validation metrics, as the bundle records them
+    neither: NeitherRules | None  # null: the model never answers "neither"
 
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
@@ -263,18 +282,14 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
         clf = state["classifier"]
         return HealthResponse(status="ok", model_loaded=clf is not None, model_id=clf.model_id if clf else None)
 
-    @app.get("/v1/model", tags=["service"])
-    async def model() -> dict:
-        """The bundle's metadata: classes, threshold, metrics, input, training data summary."""
+    @app.get("/v1/model", response_model=ModelResponse, tags=["service"])
+    async def model() -> ModelResponse:
+        """What a client needs of the model: its id, classes, input size, threshold, mirror averaging, validation
+        metrics and "neither" rules (kind and cut; null when the model never answers "neither")."""
         clf = await classifier_ready()
-        meta = clf.metadata
-        neither = meta.get("neither")
-        return {"model_id": clf.model_id, "architecture": meta.get("architecture"), "classes": clf.classes,
-                "threshold": clf.threshold, "tta": clf.tta, "input": meta.get("input"),
-                "metrics": meta.get("metrics"), "data": meta.get("data"),
-                "training": {k: v for k, v in meta.get("training", {}).items() if k != "config"},
-                "neither": {"enabled": clf.neither_rule is not None,
-                            "min_pet_probability": neither["min_pet_probability"]} if neither else None}
+        return ModelResponse(model_id=clf.model_id, classes=clf.classes, image_size=clf.image_size,
+                             threshold=clf.threshold, tta=clf.tta, metrics=clf.metadata.get("metrics"),
+                             neither={"rules": clf.neither_cuts} if clf.neither_rules else None)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
