@@ -61,7 +61,7 @@ bench: install
 	$(BIN)/python benchmarks/seed_cnn_step.py
 	$(BIN)/python benchmarks/augmentation.py --data $(DATA)
 	$(BIN)/python benchmarks/from_scratch.py --data $(DATA)
-	$(BIN)/python benchmarks/accuracy.py --data $(DATA) --tta "default (shipped, int8)"
+	$(BIN)/python benchmarks/accuracy.py --data $(DATA) --not-pets $(NEITHER) --write docs/results.md
 	$(BIN)/python benchmarks/inference.py --data $(DATA) --memory
 	$(BIN)/python benchmarks/serve_load.py --data $(DATA)
 	$(BIN)/python benchmarks/ddp.py --data $(DATA)

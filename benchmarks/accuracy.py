@@ -1,91 +1,224 @@
-"""Accuracy of model bundles on test_set, side by side, as a markdown table.
+"""What each model bundle answers, on pets and on photos of neither class, and how fast: one markdown table.
 
-    python benchmarks/accuracy.py --data ../shared/data/cats_vs_dogs \\
-        [--bundle NAME=PATH ...] [--tta NAME ...]
+    python benchmarks/accuracy.py [--data ../shared/data/cats_vs_dogs] [--not-pets ../shared/data/not_pets] \\
+        [--bundle NAME=PATH ...] [--limit N] [--write docs/results.md]
 
-Default rows: the shipped models (models/seed_cnn, models/default, models/default-float), each as it predicts
-(averaged with the mirror image where its training chose that on validation photos). Training time and
-parameters come from each bundle's JSON (measured when it was trained); latency is measured here, one photo
-file to label, median of 50 calls. `--tta NAME` adds a row with flip test-time augmentation for that bundle.
+A row per bundle: every shipped one (models/*), or those given with --bundle. Each predicts as it would for a
+user (its own mirror averaging and "neither" rules), and every photo is read from its file.
+
+- Pets: accuracy, log loss, expected calibration error (the reliability plot's bins) and the share answered
+  "neither", on `test_set` and on the `extra_set` photos the bundle's run neither trained nor validated on
+  (from its saved training config; "n/a" when it trained on all of extra_set).
+- not_pets answered "neither": all of them; held-out photos of the kinds the bundle trained on; kinds it never
+  saw, also per group of the folder's manifest (hard: wild cats, wild canids, bears...; other animals; scenes
+  and objects). Which photos were held out is drawn again from the bundle's record (seed, shares); a bundle
+  without that record never saw any, so all count as never seen.
+- Speed: photos/s labelling test_set photos from their files (`Classifier.predict_many`), and the median time
+  of one photo file to label (`Classifier.predict`, 50 calls).
+
+`--limit N` takes at most N photos of each set, spread evenly over it, for a quick check. `--write FILE`
+also puts the table into FILE (e.g. docs/results.md), replacing this benchmark's previous section there.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
+import hashlib
 import os
-import statistics
+import re
+import shlex
+import subprocess
 import sys
 import tempfile
-import time
+from collections import Counter
 from pathlib import Path
 
-from catdogcnn.bundle import bundled_models_dir
-from catdogcnn.data import scan_folder
+from catdogcnn import data as D
+from catdogcnn.bundle import atomic_write, bundled_models_dir, shipped_bundle_names
 from catdogcnn.evaluate import evaluate
-from catdogcnn.predict import Classifier
+from catdogcnn.predict import NEITHER, Classifier
+from catdogcnn.train.config import TrainConfig
+from catdogcnn.train.dataset import unused_extra
+from catdogcnn.train.openset import split_by_kind
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from inference import time_folder, time_single  # noqa: E402  (a sibling script, not a package)
+
+SECTION = ("<!-- accuracy.py -->", "<!-- /accuracy.py -->")
+GROUPS = ("hard", "other", "scene")  # not_pets/manifest.csv's groups
+LATENCY_CALLS = 50
 
 
-def latency_ms(clf: Classifier, photos: list[Path], calls: int = 50) -> float:
-    times = []
-    for path in (photos * (calls // len(photos) + 1))[:calls]:
-        started = time.perf_counter()
-        clf.predict(path)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+def spread(items: list, limit: int | None) -> list:
+    """At most `limit` items, evenly spaced over the list (sorted by class, so both classes stay in)."""
+    if not limit or len(items) <= limit:
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def linked_folder(samples: list[D.Sample], classes: list[str], folder: Path) -> Path:
+    """A labelled folder (`folder/<class>/`) of links to these photos, for `evaluate`, which reads folders."""
+    for sample in samples:
+        (folder / classes[sample.label]).mkdir(parents=True, exist_ok=True)
+        (folder / classes[sample.label] / sample.path.name).symlink_to(sample.path.resolve())
+    return folder
+
+
+def not_pets_roles(folder: Path, metadata: dict) -> tuple[dict[Path, str], str]:
+    """Each file of `folder` by what the bundle's training made of it: "train", "seen" (held-out photos of a
+    trained kind) or "unseen" (a kind kept out); with a line saying where that comes from."""
+    files = D.list_files(folder)
+    record = (metadata.get("neither") or {}).get("photos")
+    if not record:
+        return dict.fromkeys(files, "unseen"), "no record of 'neither' photos in training: all count as never seen"
+    config = metadata["training"]["config"]
+    parts = split_by_kind(files, folder, config["neither_holdout_kinds"], config["neither_holdout_photos"],
+                          record["seed"])
+    # The same file list as training hashed (see openset.load_neither), else the draw would not be the same.
+    listing = hashlib.sha256("\n".join(str(p.relative_to(folder)) for p in files).encode()).hexdigest()
+    note = (f"held-out photos drawn again with seed {record['seed']}; unseen kinds: "
+            f"{', '.join(record['unseen_kinds']) or 'none'}")
+    if listing != record["files_sha256"]:
+        note += f" (WARNING: {folder.name} is not the folder it trained on: the split is not its own)"
+    return {path: role for role, paths in parts.items() for path in paths}, note
+
+
+def neither_rates(clf: Classifier, roles: dict[Path, str], groups: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """(answered "neither", photos) overall, per role ("seen", "unseen") and per group of the unseen kinds."""
+    answered, total = Counter(), Counter()
+    for path, prediction in zip(roles, clf.predict_many(list(roles)), strict=True):
+        if not prediction.ok:
+            print(f"skipped {prediction.error}", file=sys.stderr)
+            continue
+        keys = ["all", roles[path]] + ([groups.get(path.name, "?")] if roles[path] == "unseen" else [])
+        for key in keys:
+            total[key] += 1
+            answered[key] += prediction.label == NEITHER
+    return {key: (answered[key], total[key]) for key in total}
+
+
+def pet_columns(result: dict | None) -> list[str]:
+    if result is None:
+        return ["n/a"] * 4
+    neither = result["neither"]
+    return [f"{result['accuracy']:.2%}", f"{result['log_loss']:.4f}", f"{result['ece']:.2%}",
+            f"{neither['pets_flagged']:.2%}" if neither else "no rule"]
+
+
+def share(counts: tuple[int, int] | None) -> str:
+    return f"{counts[0] / counts[1]:.1%} ({counts[0]}/{counts[1]})" if counts and counts[1] else "n/a"
+
+
+def bundle_row(name: str, path: Path, args: argparse.Namespace, groups: dict[str, str], tmp: Path) -> tuple[list, str]:
+    """The table's row for one bundle, and a note on which not_pets photos it trained on."""
+    clf = Classifier(path)
+    print(f"{name}: {clf.model_id}", file=sys.stderr)
+
+    classes, test_samples = D.scan_folder(D.evaluation_folder(args.data))
+    test_samples = spread(test_samples, args.limit)
+    test = evaluate(linked_folder(test_samples, classes, tmp / "test"), clf)
+    config = clf.metadata.get("training", {}).get("config")
+    extra_samples = spread(unused_extra(args.data, TrainConfig.from_dict(config)) if config else [], args.limit)
+    extra = (evaluate(linked_folder(extra_samples, D.list_classes(D.resolve_splits(args.data)["train"]),
+                                    tmp / "extra"), clf) if extra_samples else None)
+
+    if test["neither"]:
+        roles, note = not_pets_roles(args.not_pets, clf.metadata)
+        not_pets = spread([path for path in roles if path.name in groups], args.limit)  # photos, not the README
+        rates = neither_rates(clf, {path: roles[path] for path in not_pets}, groups)
+        neither = [share(rates.get(key)) for key in ("all", "seen", "unseen", *GROUPS)]
+    else:
+        note, neither = "no 'neither' rule", ["no rule"] * (3 + len(GROUPS))
+
+    photos = [s.path for s in test_samples]
+    throughput = time_folder(lambda paths: sum(1 for _ in clf.predict_many(paths)), photos)
+    latency_p50, _ = time_single(clf.predict, photos[:LATENCY_CALLS], LATENCY_CALLS)
+    return [name, f"`{clf.model_id}`", *pet_columns(test), *pet_columns(extra), *neither,
+            f"{throughput:.0f}", f"{latency_p50:.1f}"], f"{name}: {note}"
+
+
+def git_commit() -> str:
+    """The short commit, marked when the code or models differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks", "models"],
+                                 cwd=ROOT).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" with uncommitted changes" if changed else "")
+
+
+def shown(path: Path) -> str:
+    """A path as the table shows it: relative to the repository, never this machine's absolute path."""
+    return os.path.relpath(path.resolve(), ROOT)
+
+
+def markdown(rows: list[list[str]], notes: list[str], args: argparse.Namespace) -> str:
+    header = ["model", "model_id",
+              *[f"{where} {what}" for where in ("test_set", "unused extra_set")
+                for what in ("accuracy", "log loss", "ECE", "pets answered neither")],
+              "not_pets answered neither: all", "kinds seen, held-out photos", "kinds never seen",
+              *[f"never seen: {group}" for group in GROUPS], "photos/s (folder)", "p50 ms (one photo)"]
+    limit = f"; at most {args.limit} photos of each set (a quick check)" if args.limit else ""
+    lines = [
+        "### Accuracy, \"neither\" and speed of each bundle (`benchmarks/accuracy.py`)",
+        "",
+        f"{datetime.date.today().isoformat()}, commit {git_commit()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end; pets: {shown(args.data)}, not pets: {shown(args.not_pets)}{limit}.",
+        "",
+        f"    {shlex.join(['python', *sys.argv])}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * 2 + "---:|" * (len(header) - 2),
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        *[f"- {note}" for note in notes],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, table: str) -> None:
+    """Put `table` between this benchmark's markers in `path`: in place of the previous one, else at the end."""
+    text = path.read_text() if path.exists() else "# Results, as the benchmarks wrote them\n"
+    section = f"{SECTION[0]}\n{table}{SECTION[1]}\n"
+    pattern = re.compile(re.escape(SECTION[0]) + r".*?" + re.escape(SECTION[1]) + r"\n?", re.DOTALL)
+    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else f"{text.rstrip()}\n\n{section}"
+    atomic_write(path, text.encode())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("CATDOGCNN_DATA",
                                                                          ROOT.parent / "shared/data/cats_vs_dogs")))
-    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH")
-    parser.add_argument("--tta", action="append", default=[], metavar="NAME")
+    parser.add_argument("--not-pets", type=Path, default=Path(os.environ.get("CATDOGCNN_NEITHER",
+                                                                             ROOT.parent / "shared/data/not_pets")))
+    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
+                        help="a bundle to measure (repeatable); default: every shipped bundle")
+    parser.add_argument("--limit", type=int, metavar="N", help="at most N photos of each set")
+    parser.add_argument("--write", type=Path, metavar="FILE", help="also write the table into FILE's section")
     args = parser.parse_args()
+    if args.bundle and not all("=" in item for item in args.bundle):
+        parser.error("--bundle takes NAME=PATH")
+    bundles = ({name: Path(path) for name, path in (item.split("=", 1) for item in args.bundle)} if args.bundle
+               else {name: bundled_models_dir() / name for name in shipped_bundle_names()})
+    with open(args.not_pets / "manifest.csv", newline="") as f:
+        groups = {row["file"]: row["group"] for row in csv.DictReader(f)}
 
-    bundles = {"seed_cnn (shipped)": bundled_models_dir() / "seed_cnn",
-               "default (shipped, int8)": bundled_models_dir() / "default",
-               "default-float": bundled_models_dir() / "default-float"}
-    bundles.update(dict(item.split("=", 1) for item in args.bundle))
-    non_pets = None
-    try:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from non_pet_photos import write_non_pet_photos
-
-        non_pets = Path(tempfile.mkdtemp(prefix="non_pets"))
-        write_non_pet_photos(non_pets)
-    except ImportError:
-        print("scikit-image is not installed: no non-pet row", file=sys.stderr)
-    _, samples = scan_folder(args.data / "test_set")
-    photos = [s.path for s in samples[:: len(samples) // 10]]
-
-    rows = []
-    runs = [(name, Path(path), None) for name, path in bundles.items()]  # None: the bundle's own choice
-    runs += [(name, Path(bundles[name]), True) for name in args.tta]
-    for name, path, tta in runs:
-        clf = Classifier(path, tta=tta)
-        result = evaluate(args.data, clf, non_pets=non_pets)
-        training = clf.metadata.get("training", {})
-        config = training.get("config", {})
-        neither = result["neither"] or {}
-        rows.append([
-            name + (" + flip TTA" if tta else " (mirror-averaged)" if clf.tta else ""),
-            config.get("model", clf.metadata.get("architecture", "?")),
-            f"{config.get('recipe', 'full')}, {clf.image_size} px", f"{result['accuracy']:.2%}",
-            f"{result['log_loss']:.4f}", f"{result['roc_auc']:.4f}",
-            f"{neither['pets_flagged']:.2%}" if neither else "n/a",
-            f"{neither['non_pets_flagged']:.0%}" if neither.get("non_pets_flagged") is not None else "n/a",
-            f"{training['seconds'] / 60:.1f}" if "seconds" in training else "?",
-            f"{training.get('parameters', 0) / 1e6:.2f}M", f"{latency_ms(clf, photos):.1f}",
-        ])
-    print(f"\ntest_set: {args.data / 'test_set'}; {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.2f} at the end\n")
-    print("| model | architecture | recipe | accuracy | log loss | ROC AUC | pets called neither | "
-          "non-pets called neither | training min | parameters | latency ms (p50) |")
-    print("|" + "---|" * 11)
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="accuracy") as tmp:
+        for name, path in bundles.items():
+            row, note = bundle_row(name, path, args, groups, Path(tempfile.mkdtemp(dir=tmp)))
+            rows.append(row)
+            notes.append(note)
+    table = markdown(rows, notes, args)
+    print(table)
+    if args.write:
+        write_section(args.write, table)
+        print(f"written to {args.write}", file=sys.stderr)
 
 
 if __name__ == "__main__":
