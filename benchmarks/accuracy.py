@@ -68,20 +68,22 @@ def linked_folder(samples: list[D.Sample], classes: list[str], folder: Path) -> 
 
 
 def not_pets_roles(folder: Path, metadata: dict) -> tuple[dict[Path, str], str]:
-    """Each file of `folder` by what the bundle's training made of it: "train", "seen" (held-out photos of a
-    trained kind) or "unseen" (a kind kept out); with a line saying where that comes from."""
-    files = D.list_files(folder)
+    """Each photo of `folder` by what the bundle's training made of it: "train", "seen" (held-out photos of a
+    trained kind) or "unseen" (a kind kept out); with a line saying where that comes from. Files that are not
+    photos are left out, as training left them out before its draw."""
+    files = [path for path, result in zip(D.list_files(folder), D.decode_many(D.list_files(folder), 32), strict=True)
+             if not isinstance(result, D.BadImageError)]
     record = (metadata.get("neither") or {}).get("photos")
     if not record:
         return dict.fromkeys(files, "unseen"), "no record of 'neither' photos in training: all count as never seen"
     config = metadata["training"]["config"]
     parts = split_by_kind(files, folder, config["neither_holdout_kinds"], config["neither_holdout_photos"],
                           record["seed"])
-    # The same file list as training hashed (see openset.load_neither), else the draw would not be the same.
+    # The same photo list as training hashed (see openset.load_neither), else the draw would not be the same.
     listing = hashlib.sha256("\n".join(str(p.relative_to(folder)) for p in files).encode()).hexdigest()
     note = (f"held-out photos drawn again with seed {record['seed']}; unseen kinds: "
             f"{', '.join(record['unseen_kinds']) or 'none'}")
-    if listing != record["files_sha256"]:
+    if listing != record["photos_sha256"]:
         note += f" (WARNING: {folder.name} is not the folder it trained on: the split is not its own)"
     return {path: role for role, paths in parts.items() for path in paths}, note
 
