@@ -27,16 +27,14 @@ import csv
 import datetime
 import hashlib
 import os
-import re
 import shlex
-import subprocess
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 from catdogcnn import data as D
-from catdogcnn.bundle import atomic_write, bundled_models_dir, shipped_bundle_names
+from catdogcnn.bundle import bundled_models_dir, shipped_bundle_names
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import NEITHER, Classifier
 from catdogcnn.train.config import TrainConfig
@@ -46,8 +44,8 @@ from catdogcnn.train.openset import split_by_kind
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from inference import time_folder, time_single  # noqa: E402  (a sibling script, not a package)
+from results_page import git_commit, write_section  # noqa: E402
 
-SECTION = ("<!-- accuracy.py -->", "<!-- /accuracy.py -->")
 GROUPS = ("hard", "other", "scene")  # not_pets/manifest.csv's groups
 LATENCY_CALLS = 50
 
@@ -142,18 +140,6 @@ def bundle_row(name: str, path: Path, args: argparse.Namespace, groups: dict[str
             f"{throughput:.0f}", f"{latency_p50:.1f}"], f"{name}: {note}"
 
 
-def git_commit() -> str:
-    """The short commit, marked when the code or models differ from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks", "models"],
-                                 cwd=ROOT).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + (" with uncommitted changes" if changed else "")
-
-
 def shown(path: Path) -> str:
     """A path as the table shows it: relative to the repository, never this machine's absolute path."""
     return os.path.relpath(path.resolve(), ROOT)
@@ -183,15 +169,6 @@ def markdown(rows: list[list[str]], notes: list[str], args: argparse.Namespace) 
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, table: str) -> None:
-    """Put `table` between this benchmark's markers in `path`: in place of the previous one, else at the end."""
-    text = path.read_text() if path.exists() else "# Results, as the benchmarks wrote them\n"
-    section = f"{SECTION[0]}\n{table}{SECTION[1]}\n"
-    pattern = re.compile(re.escape(SECTION[0]) + r".*?" + re.escape(SECTION[1]) + r"\n?", re.DOTALL)
-    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else f"{text.rstrip()}\n\n{section}"
-    atomic_write(path, text.encode())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("CATDOGCNN_DATA",
@@ -219,7 +196,7 @@ def main() -> None:
     table = markdown(rows, notes, args)
     print(table)
     if args.write:
-        write_section(args.write, table)
+        write_section(args.write, "accuracy.py", table)
         print(f"written to {args.write}", file=sys.stderr)
 
 

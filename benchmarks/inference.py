@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_page import recorded  # a sibling script's helper
 
 from catdogcnn.bundle import bundled_models_dir
 from catdogcnn.data import decode_image, decode_many, scan_folder
@@ -79,82 +80,88 @@ def main() -> None:
                                                                          ROOT.parent / "shared/data/cats_vs_dogs")))
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory over >= 25,000 photos")
+    parser.add_argument("--write", type=Path, metavar="FILE",
+                        help="also write the tables into FILE's section (docs/results.md)")
     args = parser.parse_args()
-    import torch
+    title = "Inference speed (`benchmarks/inference.py`)"
+    with recorded(args.write, "inference.py", title):
+        import torch
 
-    load_before = os.getloadavg()[0]
-    _, samples = scan_folder(args.data / "test_set")
-    photos = [s.path for s in samples]
-    single_photos = photos[:: max(1, len(photos) // args.calls)][: args.calls]
-    rows = []
+        load_before = os.getloadavg()[0]
+        _, samples = scan_folder(args.data / "test_set")
+        photos = [s.path for s in samples]
+        single_photos = photos[:: max(1, len(photos) // args.calls)][: args.calls]
+        rows = []
 
-    def classifier_row(name: str, clf: Classifier) -> None:
-        p50, p99 = time_single(clf.predict, single_photos, args.calls)
-        throughput = time_folder(lambda ps: sum(1 for _ in clf.predict_many(ps)), photos)
-        rows.append([name, f"{clf.image_size}", f"{p50:.1f}", f"{p99:.1f}", f"{throughput:.0f}"])
+        def classifier_row(name: str, clf: Classifier) -> None:
+            p50, p99 = time_single(clf.predict, single_photos, args.calls)
+            throughput = time_folder(lambda ps: sum(1 for _ in clf.predict_many(ps)), photos)
+            rows.append([name, f"{clf.image_size}", f"{p50:.1f}", f"{p99:.1f}", f"{throughput:.0f}"])
 
-    shipped = Classifier(bundled_models_dir() / "default")
-    kind = "int8" if "quantization" in shipped.metadata else "float"
-    classifier_row(f"(a) shipped `{shipped.model_id}` ({kind}), Classifier (onnxruntime)", shipped)
+        shipped = Classifier(bundled_models_dir() / "default")
+        kind = "int8" if "quantization" in shipped.metadata else "float"
+        classifier_row(f"(a) shipped `{shipped.model_id}` ({kind}), Classifier (onnxruntime)", shipped)
 
-    eager = torch_equivalent(bundled_models_dir() / "default")
-    size = shipped.image_size
-    check = np.stack([decode_image(p, size) for p in photos[:8]])
-    with torch.inference_mode():
-        diff = np.abs(eager(torch.from_numpy(check))[0].numpy() - shipped.predict_arrays(check)).max()
-    assert kind == "int8" or diff < 1e-4, f"torch and onnxruntime disagree by {diff}"
-
-    def eager_one(path: Path) -> None:
+        eager = torch_equivalent(bundled_models_dir() / "default")
+        size = shipped.image_size
+        check = np.stack([decode_image(p, size) for p in photos[:8]])
         with torch.inference_mode():
-            eager(torch.from_numpy(decode_image(path, size)[None]))
+            diff = np.abs(eager(torch.from_numpy(check))[0].numpy() - shipped.predict_arrays(check)).max()
+        assert kind == "int8" or diff < 1e-4, f"torch and onnxruntime disagree by {diff}"
 
-    def eager_all(paths: list[Path], batch: int = 64) -> int:
-        done, pending = 0, []
-        with torch.inference_mode():
-            for arr in decode_many(paths, size):
-                pending.append(arr)
-                if len(pending) == batch:
+        def eager_one(path: Path) -> None:
+            with torch.inference_mode():
+                eager(torch.from_numpy(decode_image(path, size)[None]))
+
+        def eager_all(paths: list[Path], batch: int = 64) -> int:
+            done, pending = 0, []
+            with torch.inference_mode():
+                for arr in decode_many(paths, size):
+                    pending.append(arr)
+                    if len(pending) == batch:
+                        eager(torch.from_numpy(np.stack(pending)))
+                        done, pending = done + len(pending), []
+                if pending:
                     eager(torch.from_numpy(np.stack(pending)))
-                    done, pending = done + len(pending), []
-            if pending:
-                eager(torch.from_numpy(np.stack(pending)))
-        return done + len(pending)
+            return done + len(pending)
 
-    p50, p99 = time_single(eager_one, single_photos, args.calls)
-    torch_throughput = time_folder(eager_all, photos)
-    rows.append(["(b) the float model, torch eager (channels-last, inference mode)", f"{size}", f"{p50:.1f}",
-                 f"{p99:.1f}", f"{torch_throughput:.0f}"])
-    classifier_row("(c) seed CNN bundle, Classifier (onnxruntime)", Classifier(bundled_models_dir() / "seed_cnn"))
+        p50, p99 = time_single(eager_one, single_photos, args.calls)
+        torch_throughput = time_folder(eager_all, photos)
+        rows.append(["(b) the float model, torch eager (channels-last, inference mode)", f"{size}", f"{p50:.1f}",
+                     f"{p99:.1f}", f"{torch_throughput:.0f}"])
+        classifier_row("(c) seed CNN bundle, Classifier (onnxruntime)", Classifier(bundled_models_dir() / "seed_cnn"))
 
-    code = ("import sys, time; t = time.perf_counter(); import catdogcnn; clf = catdogcnn.load_classifier(); "
-            f"clf.predict({str(photos[0])!r}); print(time.perf_counter() - t, 'torch' in sys.modules)")
-    first = []
-    for _ in range(3):
-        started = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-        first.append((float(out[0]), time.perf_counter() - started, out[1]))
-    in_process, whole, torch_loaded = sorted(first)[1]
+        code = ("import sys, time; t = time.perf_counter(); import catdogcnn; clf = catdogcnn.load_classifier(); "
+                f"clf.predict({str(photos[0])!r}); print(time.perf_counter() - t, 'torch' in sys.modules)")
+        first = []
+        for _ in range(3):
+            started = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout.split()
+            first.append((float(out[0]), time.perf_counter() - started, out[1]))
+        in_process, whole, torch_loaded = sorted(first)[1]
 
-    print(f"\n{len(photos)} photos from {args.data / 'test_set'}; {os.cpu_count()} cores; load average "
-          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; single-photo latency over {args.calls} calls\n")
-    print("| model | input px | single photo p50 ms | p99 ms | folder photos/s |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"\nFolder throughput against torch eager: the shipped model in onnxruntime "
-          f"{float(rows[0][4]) / torch_throughput:.1f}x")
-    print(f"`import catdogcnn` + load + first label: {in_process * 1000:.0f} ms in process "
-          f"({whole * 1000:.0f} ms with interpreter start-up; median of 3); torch imported: {torch_loaded}")
+        print(f"\n{len(photos)} photos from {args.data / 'test_set'}; {os.cpu_count()} cores; load average "
+              f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; single-photo latency over "
+              f"{args.calls} calls\n")
+        print("| model | input px | single photo p50 ms | p99 ms | folder photos/s |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        print(f"\nFolder throughput against torch eager: the shipped model in onnxruntime "
+              f"{float(rows[0][4]) / torch_throughput:.1f}x")
+        print(f"`import catdogcnn` + load + first label: {in_process * 1000:.0f} ms in process "
+              f"({whole * 1000:.0f} ms with interpreter start-up; median of 3); torch imported: {torch_loaded}")
 
-    if args.memory:
-        folders = [args.data / "training_set", args.data / "extra_set", args.data / "test_set",
-                   args.data / "training_set"]
-        result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "catdogcnn", "predict",
-                                 *map(str, folders), "--format", "csv"], capture_output=True, text=True)
-        n = len(result.stdout.splitlines()) - 1
-        peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)) / 1024
-        wall = re.search(r"Elapsed \(wall clock\) time.*: (.+)", result.stderr).group(1)
-        print(f"`catdogcnn predict` over {n} photos: peak memory {peak:.0f} MB, wall time {wall}")
+        if args.memory:
+            folders = [args.data / "training_set", args.data / "extra_set", args.data / "test_set",
+                       args.data / "training_set"]
+            result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "catdogcnn", "predict",
+                                     *map(str, folders), "--format", "csv"], capture_output=True, text=True)
+            n = len(result.stdout.splitlines()) - 1
+            peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)) / 1024
+            wall = re.search(r"Elapsed \(wall clock\) time.*: (.+)", result.stderr).group(1)
+            print(f"`catdogcnn predict` over {n} photos: peak memory {peak:.0f} MB, wall time {wall}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from results_page import recorded  # a sibling script's helper
 
 from catdogcnn.data import scan_folder
 from catdogcnn.predict import load_classifier
@@ -131,52 +132,56 @@ def main() -> None:
     parser.add_argument("--stalled", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
     parser.add_argument("--model", help="bundle to serve (default: the shipped model)")
+    parser.add_argument("--write", type=Path, metavar="FILE",
+                        help="also write the tables into FILE's section (docs/results.md)")
     args = parser.parse_args()
+    title = "Serving under load, with bad uploads and stalled clients (`benchmarks/serve_soak.py`)"
+    with recorded(args.write, "serve_soak.py", title):
 
-    _, samples = scan_folder(args.data / "test_set")
-    paths = [s.path for s in samples[:: max(1, len(samples) // 400)][:400]]
-    reference = load_classifier(args.model)  # the labels the server must give
-    photos = [(p.name, p.read_bytes(), pred.label) for p, pred in zip(paths, reference.predict_many(paths),
-                                                                       strict=True)]
-    del reference
-    bad = bad_uploads(photos[0][1])
-    server, url, cmd = start_server(["--workers", str(args.workers), *(["--model", args.model] if args.model
-                                                                       else [])])
-    try:
-        load_before = os.getloadavg()[0]
-        tally = asyncio.run(soak(url, server.pid, photos, bad, args))
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+        _, samples = scan_folder(args.data / "test_set")
+        paths = [s.path for s in samples[:: max(1, len(samples) // 400)][:400]]
+        reference = load_classifier(args.model)  # the labels the server must give
+        photos = [(p.name, p.read_bytes(), pred.label) for p, pred in zip(paths, reference.predict_many(paths),
+                                                                           strict=True)]
+        del reference
+        bad = bad_uploads(photos[0][1])
+        server, url, cmd = start_server(["--workers", str(args.workers), *(["--model", args.model] if args.model
+                                                                           else [])])
+        try:
+            load_before = os.getloadavg()[0]
+            tally = asyncio.run(soak(url, server.pid, photos, bad, args))
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
-    latencies = np.array([seconds for _, seconds in tally.good_latencies]) * 1000
-    first = next((mb for t, mb in tally.memory if t >= min(60, args.minutes * 60) - 1), tally.memory[0][1])
-    end = tally.memory[-1][1]
-    seconds = args.minutes * 60
-    print(f"\nServer: {' '.join(cmd[1:])}; {os.cpu_count()} cores (clients on the same machine); load average "
-          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {args.minutes:g} min, {args.clients} clients, "
-          f"{args.bad_share:.0%} bad uploads, {args.stalled} stalled clients\n")
-    print("| requests | good photos/s | wrong answers | 5xx | failed connections | p50 good ms | p99 good ms | "
-          "stalled uploads cut (408) | memory after 1 min MB | memory at the end MB | change |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {tally.requests} | {len(latencies) / seconds:.1f} | {tally.wrong} | {tally.server_errors} | "
-          f"{tally.failures} | {np.percentile(latencies, 50):.0f} | {np.percentile(latencies, 99):.0f} | "
-          f"{tally.stalled_cut} | {first:.0f} | {end:.0f} | {(end - first) / first:+.1%} |")
-    print("\nStatuses: " + ", ".join(f"{code}: {n}" for code, n in sorted(tally.statuses.items())))
-    print("\n| minute | good photos/s | p99 good ms | memory MB |")
-    print("|---|---|---|---|")
-    for minute in range(int(np.ceil(args.minutes))):
-        these = [s * 1000 for t, s in tally.good_latencies if minute * 60 <= t < (minute + 1) * 60]
-        mb = [m for t, m in tally.memory if t <= (minute + 1) * 60 + 1][-1]
-        span = min(60, seconds - minute * 60)
-        print(f"| {minute + 1} | {len(these) / span:.1f} | {np.percentile(these, 99) if these else float('nan'):.0f} "
-              f"| {mb:.0f} |")
-    batches = [line for line in metrics.splitlines() if line.startswith(("catdogcnn_batch_photos_sum",
-                                                                         "catdogcnn_batch_photos_count"))]
-    if len(batches) == 2:
-        total, count = (float(line.split()[-1]) for line in sorted(batches, reverse=True))
-        print(f"\nThe server's /metrics: {count:.0f} model calls, {total / count:.1f} photos a call on average")
+        latencies = np.array([seconds for _, seconds in tally.good_latencies]) * 1000
+        first = next((mb for t, mb in tally.memory if t >= min(60, args.minutes * 60) - 1), tally.memory[0][1])
+        end = tally.memory[-1][1]
+        seconds = args.minutes * 60
+        print(f"\nServer: {' '.join(cmd[1:])}; {os.cpu_count()} cores (clients on the same machine); load average "
+              f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {args.minutes:g} min, "
+              f"{args.clients} clients, {args.bad_share:.0%} bad uploads, {args.stalled} stalled clients\n")
+        print("| requests | good photos/s | wrong answers | 5xx | failed connections | p50 good ms | p99 good ms | "
+              "stalled uploads cut (408) | memory after 1 min MB | memory at the end MB | change |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| {tally.requests} | {len(latencies) / seconds:.1f} | {tally.wrong} | {tally.server_errors} | "
+              f"{tally.failures} | {np.percentile(latencies, 50):.0f} | {np.percentile(latencies, 99):.0f} | "
+              f"{tally.stalled_cut} | {first:.0f} | {end:.0f} | {(end - first) / first:+.1%} |")
+        print("\nStatuses: " + ", ".join(f"{code}: {n}" for code, n in sorted(tally.statuses.items())))
+        print("\n| minute | good photos/s | p99 good ms | memory MB |")
+        print("|---|---|---|---|")
+        for minute in range(int(np.ceil(args.minutes))):
+            these = [s * 1000 for t, s in tally.good_latencies if minute * 60 <= t < (minute + 1) * 60]
+            mb = [m for t, m in tally.memory if t <= (minute + 1) * 60 + 1][-1]
+            span = min(60, seconds - minute * 60)
+            p99 = np.percentile(these, 99) if these else float("nan")
+            print(f"| {minute + 1} | {len(these) / span:.1f} | {p99:.0f} | {mb:.0f} |")
+        batches = [line for line in metrics.splitlines() if line.startswith(("catdogcnn_batch_photos_sum",
+                                                                             "catdogcnn_batch_photos_count"))]
+        if len(batches) == 2:
+            total, count = (float(line.split()[-1]) for line in sorted(batches, reverse=True))
+            print(f"\nThe server's /metrics: {count:.0f} model calls, {total / count:.1f} photos a call on average")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""docs/results.md as the benchmarks write it: each benchmark's printed tables in a section of its own, stamped
+with the date, the commit and the command that produced them; running a benchmark again replaces its section.
+
+    with recorded(args.write, "serve_soak.py", "Serving under load"):
+        ...print the tables...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from catdogcnn.bundle import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "# Results, as the benchmarks wrote them\n"
+
+
+def git_commit() -> str:
+    """The short commit, marked when the code or models differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks", "models"],
+                                 cwd=ROOT).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" with uncommitted changes" if changed else "")
+
+
+def stamp() -> str:
+    """Date, commit, cores and load, and the command line, as a section's first lines."""
+    return (f"{datetime.date.today().isoformat()}, commit {git_commit()}, {os.cpu_count()} cores, load average "
+            f"{os.getloadavg()[0]:.1f} at the end.\n\n    {shlex.join(['python', *sys.argv])}\n")
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put `text` between the markers of section `name` in `path`: in place of the previous one, else at the end."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    current = path.read_text() if path.exists() else HEADER
+    section = f"{start}\n{text.rstrip()}\n{end}\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    current = pattern.sub(lambda _: section, current, count=1) if pattern.search(current) \
+        else f"{current.rstrip()}\n\n{section}"
+    atomic_write(path, current.encode())
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def recorded(path: Path | None, name: str, title: str) -> Iterator[None]:
+    """Print as usual; with `path`, also write what was printed as section `name` of `path`, under `title`."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)):
+        yield
+    if path:
+        write_section(path, name, f"### {title}\n\n{stamp()}\n{buffer.getvalue()}")
+        print(f"written to {path}", file=sys.stderr)
