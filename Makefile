@@ -62,8 +62,10 @@ bench: install
 	$(BIN)/python benchmarks/augmentation.py --data $(DATA)
 	$(BIN)/python benchmarks/from_scratch.py --data $(DATA)
 	$(BIN)/python benchmarks/accuracy.py --data $(DATA) --not-pets $(NEITHER) --write docs/results.md
-	$(BIN)/python benchmarks/inference.py --data $(DATA) --memory
+	$(BIN)/python benchmarks/inference.py --data $(DATA) --memory --write docs/results.md
 	$(BIN)/python benchmarks/serve_load.py --data $(DATA)
+	$(BIN)/python benchmarks/serve_soak.py --data $(DATA) --minutes 10 --write docs/results.md
+	$(BIN)/python benchmarks/ray_predict.py --data $(DATA) --write docs/results.md
 	$(BIN)/python benchmarks/ddp.py --data $(DATA)
 
 ## Retrain the shipped models from $(DATA) with fixed seeds.
