@@ -32,7 +32,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_litter(tmp_path):
 
 
 def test_shipped_bundles_are_found_by_name(tmp_path, monkeypatch):
-    assert {"default", "default-float", "seed_cnn", "resnet_small"} <= set(shipped_bundle_names())
+    assert {"default", "seed_cnn", "resnet_small"} <= set(shipped_bundle_names())
     monkeypatch.chdir(tmp_path)
     assert find_bundle("seed_cnn") == bundled_models_dir() / "seed_cnn"
     (tmp_path / "seed_cnn").mkdir()  # a folder of that name here wins over the shipped one

@@ -33,10 +33,13 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from catdogcnn.bundle import BundleError
+        from catdogcnn.extras import MissingExtra
 
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
         try:
             return func(*args, **kwargs)
+        except MissingExtra as e:  # before USER_ERRORS: the command is fine, the install lacks a part
+            raise _fail(str(e), code=1) from None
         except (BundleError, *USER_ERRORS) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise _fail(message) from None
@@ -45,7 +48,7 @@ def user_errors(func):
 
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model bundle folder, or a shipped bundle's "
-                                                  "name: default, default-float, seed_cnn, resnet_small "
+                                                  "name: default, seed_cnn, resnet_small "
                                                   "(default: default).")]
 ThresholdOption = Annotated[float | None, typer.Option(help="Decision threshold for the second class "
                                                        "(default: the bundle's; the seed's rule is 0.6).")]
@@ -323,12 +326,16 @@ def tune(
                                            "silent for four is retried by another worker.")] = 30,
 ) -> None:
     """Search hyperparameters with Optuna; prints a leaderboard and writes OUT/best_config.json."""
-    import optuna
     from rich.console import Console
 
-    from catdogcnn.train import TrainConfig, TrainingInterrupted, keep_freed_memory
-    from catdogcnn.tune import leaderboard, parse_grid
-    from catdogcnn.tune import tune as run_tune
+    from catdogcnn.extras import needs_extra
+
+    with needs_extra("tune"):
+        import optuna
+
+        from catdogcnn.train import TrainConfig, TrainingInterrupted, keep_freed_memory
+        from catdogcnn.tune import leaderboard, parse_grid
+        from catdogcnn.tune import tune as run_tune
 
     base = TrainConfig.from_dict({**(json.loads(config_file.read_text()) if config_file else {}), "model": model})
     out = out or Path(f"runs/tune-{model}")
