@@ -1,4 +1,5 @@
-# catdogcnn: every target builds on one virtual environment, .venv.
+# catdogcnn: every target builds on one virtual environment, .venv, holding what it needs: `serve` the core and the
+# [serve] extra, `predict` the core alone, every other target everything (the [all] extra).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,21 +10,22 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install serve predict test engines browser postgres fuzz lint bench model seed-model scratch-model clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-all
 
-# Re-run when the dependencies change; pip itself is idempotent.
-$(VENV)/.installed: pyproject.toml
+# .installed-EXTRA: the package with that extra (`core`: none). Re-run when the dependencies change; pip itself
+# is idempotent and keeps what an earlier target installed.
+$(VENV)/.installed-%: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[train,tune,ray,serve,dev]"
+	$(BIN)/python -m pip install --quiet -e "$(if $(filter core,$*),.,.[$*])"
 	touch $@
 
 ## The main job: the web page and the API on http://127.0.0.1:8000 with the shipped default model.
-serve: install
+serve: $(VENV)/.installed-serve
 	$(BIN)/catdogcnn serve --host 127.0.0.1 --port 8000
 
 ## Label photos from the command line (PHOTOS=path ... to choose them).
-predict: install
+predict: $(VENV)/.installed-core
 	$(BIN)/catdogcnn predict $(PHOTOS)
 
 test: install browser postgres

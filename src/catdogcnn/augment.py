@@ -17,8 +17,12 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from catdogcnn.extras import needs_extra
+
+with needs_extra("train"):
+    import torch
+    import torch.nn.functional as F
 
 from catdogcnn.accel import kernels
 

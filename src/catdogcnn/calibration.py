@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from catdogcnn.extras import needs_extra
+
 
 def probabilities_from_logits(logits: np.ndarray) -> np.ndarray:
     """(N, 1) binary logits -> (N, 2); (N, C) -> softmax. As the bundle's graph computes them."""
@@ -67,14 +69,16 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     """Mean -log p(true class): scikit-learn's (probabilities clipped to [eps, 1 - eps], so never inf or -0.0),
     with every column of `p` a class even when `y` lacks one."""
-    from sklearn.metrics import log_loss as sklearn_log_loss
+    with needs_extra("report"):
+        from sklearn.metrics import log_loss as sklearn_log_loss
 
     return float(sklearn_log_loss(y, p, labels=list(range(p.shape[1]))))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The T > 0 that minimises the log loss of softmax(logits / T) on held-out photos."""
-    from scipy.optimize import minimize_scalar
+    with needs_extra("train"):
+        from scipy.optimize import minimize_scalar
 
     result = minimize_scalar(lambda log_t: log_loss(y, probabilities_from_logits(logits / np.exp(log_t))),
                              bounds=(-3, 3), method="bounded")

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from catdogcnn.data import BadImageError, file_digests, list_classes, load_images, resolve_splits, scan_folder
+from catdogcnn.extras import needs_extra
 
 
 @dataclass
@@ -43,7 +44,8 @@ def _pair_kind(a: tuple[str, str], b: tuple[str, str]) -> str:
 
 def _perceptual_hashes(images: np.ndarray) -> np.ndarray:
     """64-bit pHash per image (imagehash's DCT hash), as uint64."""
-    import imagehash
+    with needs_extra("data"):
+        import imagehash
 
     out = np.empty(len(images), dtype=np.uint64)
     for i, arr in enumerate(images):

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from catdogcnn.bundle import atomic_output, atomic_write
+from catdogcnn.extras import needs_extra
 
 log = logging.getLogger("catdogcnn")
 
@@ -313,7 +314,8 @@ def stratified_split(samples: Sequence[Sample], size: float | int, seed: int,
     Splitting the file list, not decoded arrays, lets each part be decoded and cached on its own. Too few
     photos raise a ValueError that names `folder` (where the photos came from) and the counts per class.
     """
-    from sklearn.model_selection import train_test_split
+    with needs_extra("train"):
+        from sklearn.model_selection import train_test_split
 
     labels = [s.label for s in samples]
     try:

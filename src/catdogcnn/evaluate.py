@@ -8,6 +8,7 @@ import numpy as np
 
 from catdogcnn.calibration import expected_calibration_error, log_loss, one_vs_rest
 from catdogcnn.data import evaluation_folder, scan_folder
+from catdogcnn.extras import needs_extra
 from catdogcnn.predict import NEITHER, Classifier
 
 
@@ -28,7 +29,8 @@ def evaluate(data_dir: str | Path, classifier: Classifier, batch_size: int | Non
     show none of the classes), the share of those it flags.
     `details` adds `photos`: path, true class, probabilities and answer of every photo (for reports).
     """
-    from sklearn import metrics
+    with needs_extra("report"):
+        from sklearn import metrics
 
     folder = evaluation_folder(Path(data_dir))
     classes, samples = scan_folder(folder)

@@ -11,8 +11,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
+
+from catdogcnn.extras import needs_extra
+
+with needs_extra("train"):
+    import torch
+    from torch import nn
 
 from catdogcnn.bundle import (
     ACTIVATION_OUTPUT_NAME,

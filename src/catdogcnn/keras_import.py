@@ -13,12 +13,16 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from catdogcnn.export import export_bundle
-from catdogcnn.models.efficientnet_lite import SameConv2d
-from catdogcnn.models.seed_cnn import FlattenChannelsLast
+from catdogcnn.extras import needs_extra
+
+with needs_extra("keras"):
+    import torch
+    from torch import nn
+
+    from catdogcnn.export import export_bundle
+    from catdogcnn.models.efficientnet_lite import SameConv2d
+    from catdogcnn.models.seed_cnn import FlattenChannelsLast
 
 SUPPORTED = ("InputLayer", "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Activation", "ReLU")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "softmax": lambda: nn.Softmax(dim=1), "tanh": nn.Tanh,
@@ -31,7 +35,8 @@ class KerasImportError(ValueError):
 
 def _read(path: Path) -> tuple[dict, dict[str, list[np.ndarray]], str]:
     """(model config, layer name -> weights in Keras order, Keras version) from an .h5 or .keras file."""
-    import h5py
+    with needs_extra("keras"):
+        import h5py
 
     try:
         if zipfile.is_zipfile(path):

@@ -10,7 +10,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
+
+from catdogcnn.extras import needs_extra
+
+with needs_extra("train"):
+    import onnx
 
 from catdogcnn.bundle import (
     IMAGENET_OUTPUT_NAME,

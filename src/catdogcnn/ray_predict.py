@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from catdogcnn.extras import needs_extra
 from catdogcnn.predict import Classifier, load_classifier
 from catdogcnn.results import (
     FLUSH_EVERY,
@@ -54,8 +55,9 @@ def label_with_ray(classifier: Classifier, photos: Iterable[str | os.PathLike], 
     averaging and "neither" rule): the cluster this process is connected to, else `ray.init(address)`'s
     ("local" starts one here, "auto" finds this machine's, "ray://HOST:10001" a remote one). `actors`
     defaults to the cluster's CPUs."""
-    import pyarrow as pa
-    import ray
+    with needs_extra("ray"):
+        import pyarrow as pa
+        import ray
 
     folder = classifier.bundle if classifier.bundle.is_dir() else classifier.bundle.parent
     files = {name: (folder / name).read_bytes() for name in ("bundle.json", classifier.metadata["graph"]["file"])}

@@ -9,16 +9,19 @@ import html
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from catdogcnn.calibration import decide, one_vs_rest, reliability
+from catdogcnn.evaluate import describe_neither_rules
+from catdogcnn.extras import needs_extra
+from catdogcnn.predict import Classifier
 
-from catdogcnn.calibration import decide, one_vs_rest, reliability  # noqa: E402
-from catdogcnn.evaluate import describe_neither_rules  # noqa: E402
-from catdogcnn.predict import Classifier  # noqa: E402
+with needs_extra("report"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
 SEED_THRESHOLD = 0.6
 STYLE = """body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#1d2330}
@@ -67,7 +70,8 @@ def _photo_grid(classifier: Classifier, photos: list[dict], out_dir: Path, prefi
 
 def evaluation_report(result: dict, classifier: Classifier, out_dir: str | Path, examples: int = 8) -> Path:
     """Write `out_dir/report.html` and its plots; returns the HTML path."""
-    from sklearn import metrics
+    with needs_extra("report"):
+        from sklearn import metrics
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

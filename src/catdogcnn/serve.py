@@ -19,19 +19,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catdogcnn.data import BadImageError, decode_image
 from catdogcnn.explain import overlay, png_data_url
+from catdogcnn.extras import needs_extra
 from catdogcnn.predict import Classifier, Prediction, load_classifier
-from catdogcnn.service import Metrics, ServiceMiddleware
+
+with needs_extra("serve"):
+    from fastapi import FastAPI, File, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from catdogcnn.service import Metrics, ServiceMiddleware
 
 STATIC = Path(__file__).parent / "static"
 # BadImageError.kind -> HTTP status: 415 not an image at all, 422 an image that cannot be decoded.

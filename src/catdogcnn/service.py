@@ -24,10 +24,13 @@ import shutil
 import tempfile
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from catdogcnn.extras import needs_extra
+
+with needs_extra("serve"):
+    from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+    from starlette.responses import JSONResponse, Response
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SERVE_ENV = "CATDOGCNN_SERVE"  # how `run` hands the bundle and settings to worker processes
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -134,7 +137,8 @@ def run(bundle: str | None, host: str, port: int, config, workers: int = 1, shut
     gracefully within `shutdown_timeout_s`."""
     from dataclasses import asdict
 
-    import uvicorn
+    with needs_extra("serve"):
+        import uvicorn
 
     os.environ[SERVE_ENV] = json.dumps({"bundle": bundle, "config": asdict(config)})
     metrics_dir = None

@@ -21,15 +21,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import optuna
 from rich.console import Console
 from rich.table import Table
 
-from catdogcnn.augment import PRESETS
 from catdogcnn.bundle import atomic_write
-from catdogcnn.models import get_spec
-from catdogcnn.train import TrainConfig, TrainingInterrupted, train
+from catdogcnn.extras import needs_extra
 from catdogcnn.train.config import Schedule
+
+with needs_extra("tune"):
+    import optuna
+
+    from catdogcnn.augment import PRESETS
+    from catdogcnn.models import get_spec
+    from catdogcnn.train import TrainConfig, TrainingInterrupted, train
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 

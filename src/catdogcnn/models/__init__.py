@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
+from catdogcnn.extras import needs_extra
+
+with needs_extra("train"):
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 
+from catdogcnn.extras import needs_extra
+
 _HOMES = {
     "TrainConfig": "config",
     "TrainingData": "dataset", "prepare_data": "dataset", "unused_extra": "dataset",
@@ -38,4 +40,5 @@ __all__ = sorted(_HOMES)
 def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    with needs_extra("train"):
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

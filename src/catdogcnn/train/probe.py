@@ -15,6 +15,7 @@ from torch import nn
 
 from catdogcnn import data as D
 from catdogcnn.bundle import atomic_write
+from catdogcnn.extras import needs_extra
 from catdogcnn.models import ModelSpec, Normalize, build_model, get_spec
 from catdogcnn.train.checkpoint import check_writable
 from catdogcnn.train.config import TrainConfig
@@ -102,8 +103,9 @@ def _fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
               console: Console) -> tuple:
     """(C, the logistic regression fitted with it): `c`, or the one of PROBE_C_GRID with the lowest validation
     log loss."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
+    with needs_extra("train"):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import log_loss
 
     scores = []
     for candidate in [c] if c else PROBE_C_GRID:
