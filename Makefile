@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python benchmarks/serve_soak.py --data $(DATA) --minutes 10 --write docs/results.md
 	$(BIN)/python benchmarks/ray_predict.py --data $(DATA) --write docs/results.md
 	$(BIN)/python benchmarks/ddp.py --data $(DATA)
+	$(BIN)/python benchmarks/install_size.py --extras serve report data --write docs/results.md
 
 ## Retrain the shipped models from $(DATA) with fixed seeds.
 seed-model: install
