@@ -1,4 +1,4 @@
-"""The learner's notebook runs top to bottom (reduced: CATDOGCNN_notebook_QUICK=1) and is stored without outputs."""
+"""The learner's notebook runs top to bottom (reduced: CATDOGCNN_NOTEBOOK_QUICK=1) and is stored without outputs."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_notebook_runs(tmp_path, monkeypatch, notebook):
     nbclient = pytest.importorskip("nbclient", reason="nbclient executes the notebook")
     import nbformat
 
-    monkeypatch.setenv("CATDOGCNN_notebook_QUICK", "1")
+    monkeypatch.setenv("CATDOGCNN_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(notebook, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
