@@ -67,7 +67,20 @@ def to_onnx(module: nn.Module, image_size: int, output_names: list[str]) -> byte
         program = torch.onnx.export(module, (example,), input_names=[INPUT_NAME], output_names=output_names,
                                     dynamic_shapes={"image": {0: batch}}, dynamo=True, optimize=True, verbose=False)
     program.save(buffer)
-    return buffer.getvalue()
+    return _without_source_locations(buffer.getvalue())
+
+
+def _without_source_locations(onnx_bytes: bytes) -> bytes:
+    """The graph without the exporter's notes on each node (Python stack traces naming this machine's files):
+    they change nothing that runs, and a bundle names no path of the machine that made it."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes)
+    for node in graph.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del graph.metadata_props[:]
+    return graph.SerializeToString()
 
 
 def check_parity(module: InferenceModel, onnx_bytes: bytes, images: np.ndarray, tolerance: float = 1e-4) -> float:

@@ -62,7 +62,8 @@ def cached_activations(prefix: FrozenPrefix, image_size: int, images: np.ndarray
     from catdogcnn.export import to_onnx
 
     digest = hashlib.sha256(np.ascontiguousarray(images[:: max(1, len(images) // 64)]).tobytes())
-    digest.update(f"{len(images)}|{image_size}|{prefix.first_trained}|{name}".encode())
+    weights = next(iter(prefix.backbone._conv_stem.parameters())).detach().numpy().tobytes()  # which backbone
+    digest.update(weights + f"{len(images)}|{image_size}|{prefix.first_trained}|{name}".encode())
     cache = Path(cache_dir) / f"activations-{digest.hexdigest()[:24]}.npy" if cache_dir else None
     if cache and cache.exists():
         return np.load(cache, mmap_mode="r")
@@ -140,6 +141,7 @@ def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["torch_rng"])  # dropout goes on with the draws a straight run makes
         start = checkpoint["epoch"]
     amp = use_bf16(config.precision, torch.device("cpu"))
     for epoch in range(start, config.epochs):
@@ -174,7 +176,8 @@ def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np
                       f"{time.perf_counter() - began:.0f} s")
         save_checkpoint(out_dir / "last.pt", {"epoch": epoch + 1, "config": asdict(config),
                                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "scheduler": scheduler.state_dict()})
+                                              "scheduler": scheduler.state_dict(),
+                                              "torch_rng": torch.get_rng_state()})
 
 
 @torch.no_grad()

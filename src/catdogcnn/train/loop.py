@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,8 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     config, checkpoint = resume_from(out_dir, config or TrainConfig(), resume)
     config.validate()
     bundle_dir = Path(bundle_dir) if bundle_dir else out_dir / "bundle"
+    if config.recipe != "full" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"the {config.recipe} recipe trains in one process; run it without torchrun or --nproc")
     if config.recipe == "probe":
         return train_probe(Path(data_dir), out_dir, config, cache_dir, show_progress, bundle_dir)
     if config.recipe == "finetune":
