@@ -44,7 +44,7 @@ from catdogcnn.train.openset import split_by_kind
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from inference import time_folder, time_single  # noqa: E402  (a sibling script, not a package)
-from results_page import git_commit, write_section  # noqa: E402
+from results_page import add_write_option, git_commit, write_section  # noqa: E402
 
 GROUPS = ("hard", "other", "scene")  # not_pets/manifest.csv's groups
 LATENCY_CALLS = 50
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
                         help="a bundle to measure (repeatable); default: every shipped bundle")
     parser.add_argument("--limit", type=int, metavar="N", help="at most N photos of each set")
-    parser.add_argument("--write", type=Path, metavar="FILE", help="also write the table into FILE's section")
+    add_write_option(parser)
     args = parser.parse_args()
     if args.bundle and not all("=" in item for item in args.bundle):
         parser.error("--bundle takes NAME=PATH")

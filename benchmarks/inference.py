@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_page import recorded  # a sibling script's helper
+from results_page import add_write_option, recorded  # a sibling script's helper
 
 from catdogcnn.bundle import bundled_models_dir
 from catdogcnn.data import decode_image, decode_many, scan_folder
@@ -80,8 +80,7 @@ def main() -> None:
                                                                          ROOT.parent / "shared/data/cats_vs_dogs")))
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory over >= 25,000 photos")
-    parser.add_argument("--write", type=Path, metavar="FILE",
-                        help="also write the tables into FILE's section (docs/results.md)")
+    add_write_option(parser)
     args = parser.parse_args()
     title = "Inference speed (`benchmarks/inference.py`)"
     with recorded(args.write, "inference.py", title):

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from results_page import recorded  # a sibling script's helper
+from results_page import add_write_option, recorded  # a sibling script's helper
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MB = {"wheel": 20, "core": 200}  # the wheel, a venv with the core alone
@@ -64,8 +64,7 @@ def main() -> None:
     parser.add_argument("--extras", nargs="*", default=["serve"], help="extras to measure on top of the core "
                         "(default: serve)")
     parser.add_argument("--before", metavar="REV", help="also the core of this commit, to compare with")
-    parser.add_argument("--write", type=Path, metavar="FILE",
-                        help="also write the table into FILE (docs/results.md), replacing its previous one")
+    add_write_option(parser)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, recorded(args.write, "install_size.py", "Install size"):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
-from results_page import recorded  # a sibling script's helper
+from results_page import add_write_option, recorded  # a sibling script's helper
 
 from catdogcnn.data import scan_folder
 from catdogcnn.predict import load_classifier
@@ -42,8 +42,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=2000, help="photos from test_set (then training_set)")
     parser.add_argument("--model", help="bundle (default: the shipped model)")
     parser.add_argument("--ray", default="local", help="ray.init address: local (default), auto, ray://HOST:10001")
-    parser.add_argument("--write", type=Path, metavar="FILE",
-                        help="also write the tables into FILE's section (docs/results.md)")
+    add_write_option(parser)
     args = parser.parse_args()
     title = "Labelling a folder: one process against Ray (`benchmarks/ray_predict.py`)"
     with recorded(args.write, "ray_predict.py", title):

@@ -24,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = "# Results, as the benchmarks wrote them\n"
 
 
+def add_write_option(parser) -> None:
+    """The `--write FILE` option every benchmark takes."""
+    parser.add_argument("--write", type=Path, metavar="FILE",
+                        help="also write the tables into FILE's section (docs/results.md)")
+
+
 def git_commit() -> str:
     """The short commit, marked when the code or models differ from it."""
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from results_page import recorded  # a sibling script's helper
+from results_page import add_write_option, recorded  # a sibling script's helper
 
 from catdogcnn.data import scan_folder
 from catdogcnn.predict import load_classifier
@@ -132,8 +132,7 @@ def main() -> None:
     parser.add_argument("--stalled", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
     parser.add_argument("--model", help="bundle to serve (default: the shipped model)")
-    parser.add_argument("--write", type=Path, metavar="FILE",
-                        help="also write the tables into FILE's section (docs/results.md)")
+    add_write_option(parser)
     args = parser.parse_args()
     title = "Serving under load, with bad uploads and stalled clients (`benchmarks/serve_soak.py`)"
     with recorded(args.write, "serve_soak.py", title):
