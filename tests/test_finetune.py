@@ -131,3 +131,8 @@ def test_three_classes_with_neither(tmp_path):
     assert neither_rules(read_bundle_metadata(bundle))[0]["kind"] == "learned"
     answers = [p.label for p in classifier.predict_many([make_neither_folder(tmp_path / "fresh", 4, seed=5)])]
     assert answers.count(NEITHER) >= 0.8 * len(answers), answers
+
+
+def test_mirror_averaging_is_refused_beside_a_learned_neither():
+    with pytest.raises(ValueError, match="tta on cannot go with neither_photos"):
+        TrainConfig(recipe="finetune", model="efficientnet_lite0", neither_photos="photos", tta="on").validate()

@@ -143,6 +143,8 @@ class TrainConfig:
 
         get_spec(self.model)
         parse_augment(self.augment)
+        if self.neither_photos and self.tta == "on":
+            raise ValueError("tta on cannot go with neither_photos: the learned neither cut is fitted on single views")
 
 
 @cache

@@ -51,7 +51,9 @@ def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tra
     calibration = calibrate(model, val_logits[0].numpy(), dataset.val.labels)
     val_logits = (val_logits[0] / calibration["temperature"], *val_logits[1:])
     final = logits_metrics(val_logits[0], dataset.val.labels)
-    tta = choose_tta(model, normalize, dataset.val, val_logits[0], config.tta)
+    # A learned "neither" cut is fitted on single views: a bundle that averaged views would turn away another share.
+    tta = (choose_tta(model, normalize, dataset.val, val_logits[0], config.tta) if val_neither is None
+           else {"setting": config.tta, "used": False, "why": "the learned 'neither' cut is fitted on single views"})
     if tta["used"]:
         final = {"accuracy": tta["accuracy"]["flip_averaged"], "loss": tta["log_loss"]["flip_averaged"]}
     metadata = {
