@@ -25,6 +25,13 @@ def test_shipped_bundle_has_the_learned_neither_rule(shipped):
         entry["photos"]["trained_kinds"])
 
 
+def test_no_shipped_bundle_names_a_path_of_the_machine_that_made_it():
+    for folder in (bundled_models_dir() / name for name in ("default", "seed_cnn", "resnet_small")):
+        assert '"root"' not in (folder / "bundle.json").read_text(), folder
+        graph = next(folder.glob("model-*.onnx")).read_bytes()
+        assert b"site-packages" not in graph and b".py" not in graph, folder  # no exporter stack traces
+
+
 def test_the_default_bundle_records_no_path_of_the_machine_that_trained_it(shipped):
     data = shipped.metadata["data"]
     assert "root" not in data and data["name"] == "cats_vs_dogs" and len(data["files_sha256"]) == 64
