@@ -69,7 +69,8 @@ def not_pets_roles(folder: Path, metadata: dict) -> tuple[dict[Path, str], str]:
     """Each photo of `folder` by what the bundle's training made of it: "train", "seen" (held-out photos of a
     trained kind) or "unseen" (a kind kept out); with a line saying where that comes from. Files that are not
     photos are left out, as training left them out before its draw."""
-    files = [path for path, result in zip(D.list_files(folder), D.decode_many(D.list_files(folder), 32), strict=True)
+    listed = D.list_files(folder)  # decoded as training decodes them, so the same files are found bad
+    files = [path for path, result in zip(listed, D.decode_many(listed, None), strict=True)
              if not isinstance(result, D.BadImageError)]
     record = (metadata.get("neither") or {}).get("photos")
     if not record:

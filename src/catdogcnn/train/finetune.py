@@ -47,6 +47,17 @@ class FrozenPrefix(nn.Module):
         x = self.normalize(image.permute(0, 3, 1, 2).float() / 255)
         return net._blocks[: self.first_trained](F.relu6(net._bn0(net._conv_stem(x))))
 
+    def session(self, image_size: int):
+        """This prefix exported once to an onnxruntime session (each photo set then reuses it)."""
+        import onnxruntime as ort
+
+        from catdogcnn.export import to_onnx
+
+        if getattr(self, "_session", None) is None:
+            self._session = ort.InferenceSession(to_onnx(self.eval(), image_size, ["activations"]),
+                                                 providers=["CPUExecutionProvider"])
+        return self._session
+
 
 def trained_map(model: nn.Module, first_trained: int, x: torch.Tensor) -> torch.Tensor:
     """The last feature map from the cached activations: the trained blocks, then the head convolution."""
@@ -57,9 +68,7 @@ def trained_map(model: nn.Module, first_trained: int, x: torch.Tensor) -> torch.
 def cached_activations(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str,
                        cache_dir: Path | None, batch_size: int = 32) -> np.ndarray:
     """The frozen prefix's output (fp16) for decoded photos, from the disk cache when computed before."""
-    import onnxruntime as ort
 
-    from catdogcnn.export import to_onnx
 
     digest = hashlib.sha256(np.ascontiguousarray(images[:: max(1, len(images) // 64)]).tobytes())
     weights = next(iter(prefix.backbone._conv_stem.parameters())).detach().numpy().tobytes()  # which backbone
@@ -67,8 +76,7 @@ def cached_activations(prefix: FrozenPrefix, image_size: int, images: np.ndarray
     cache = Path(cache_dir) / f"activations-{digest.hexdigest()[:24]}.npy" if cache_dir else None
     if cache and cache.exists():
         return np.load(cache, mmap_mode="r")
-    session = ort.InferenceSession(to_onnx(prefix.eval(), image_size, ["activations"]),
-                                   providers=["CPUExecutionProvider"])
+    session = prefix.session(image_size)
     out = np.concatenate([session.run(None, {"image": np.ascontiguousarray(images[i:i + batch_size])})[0]
                           .astype(np.float16) for i in range(0, len(images), batch_size)])
     if cache:
@@ -155,8 +163,10 @@ def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np
         for step in range(steps):
             rows = order[step * config.batch_size:(step + 1) * config.batch_size]
             is_neither = rows >= n_pets
-            x = np.stack([neither_x[int(m), r - n_pets] if r >= n_pets else train_x[int(m), r]
-                          for r, m in zip(rows, mirrored[rows], strict=True)])
+            x = np.empty((len(rows), *train_x.shape[2:]), train_x.dtype)
+            x[~is_neither] = train_x[mirrored[rows[~is_neither]].astype(int), rows[~is_neither]]
+            if n_neither:
+                x[is_neither] = neither_x[mirrored[rows[is_neither]].astype(int), rows[is_neither] - n_pets]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 features = model.dropout(trained_map(model, first, torch.from_numpy(x).float()).mean((2, 3)))
                 logits = model.head(features)
