@@ -79,6 +79,25 @@ def test_a_stopped_study_resumes_and_reruns_the_interrupted_trial(data, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the dead worker's trial is made by hand, not optimize
+def test_a_dead_workers_trial_is_retried_before_the_search_returns(data, tmp_path):
+    # A trial whose worker died after one heartbeat, in a study that then reaches its total.
+    url = tune_module.default_storage(tmp_path)
+    storage = tune_module.heartbeat_storage(url, heartbeat_s=1)
+    study = optuna.create_study(storage=storage, study_name="shared", direction="maximize")
+    orphan = study.ask()
+    orphan_values = tune_module.suggest(orphan, ["lr"])
+    storage.record_heartbeat(orphan._trial_id)
+    result = tune(data, tmp_path, BASE, trials=1, params=["lr"], storage=url, study_name="shared",
+                  heartbeat_s=1, cache_dir=tmp_path / "cache")
+    states = optuna.trial.TrialState
+    assert result.study.trials[orphan.number].state == states.FAIL
+    assert not result.study.get_trials(states=(states.RUNNING, states.WAITING))
+    retried = [t for t in finished(result.study) if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1 and retried[0].params == orphan_values
+
+
+@pytest.mark.slow
 def test_grid_search_tries_each_grid_value_once(data, tmp_path):
     one_epoch = TrainConfig.from_dict({**asdict(BASE), "epochs": 1})
     result = tune(data, tmp_path, one_epoch, trials=10, sampler="grid", params=["schedule", "batch_size"],

