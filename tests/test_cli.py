@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,74 @@ def test_counts_below_their_minimum_are_refused(tmp_path, args, option, run_cli)
     args = [str(tmp_path / a) if a in ("DATA", "OUT") else a for a in args]
     result = run_cli(*args)
     assert result.returncode == 2 and option in result.stderr
+
+
+def test_version(run_cli):
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout == f"catdogcnn {importlib.metadata.version('catdogcnn')}\n"
+
+
+@pytest.mark.parametrize("left", ["last.pt", "metrics.jsonl", "bundle"])
+def test_train_refuses_a_folder_that_holds_a_run_unless_told(tmp_path, left, run_cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    if left == "bundle":
+        (run / left).mkdir()
+    else:
+        (run / left).write_text("")
+    result = run_cli("train", tmp_path / "nowhere", "--out", run)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {run}: holds a run already; --resume to go on, --overwrite to start again\n"
+
+
+@pytest.mark.parametrize("told", ["--resume", "--overwrite"])
+def test_train_goes_into_a_folder_that_holds_a_run_when_told(tmp_path, told, run_cli):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    result = run_cli("train", tmp_path / "nowhere", "--out", tmp_path / "run", told)
+    assert result.returncode == 2 and "holds a run" not in result.stderr and "nowhere" in result.stderr  # the data
+    both = run_cli("train", tmp_path / "nowhere", "--out", tmp_path / "run", "--resume", "--overwrite")
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
+def test_train_runs_go_to_a_folder_per_model(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "resnet_small" / "bundle").mkdir(parents=True)
+    result = run_cli("train", "nowhere", "--model", "resnet_small")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {Path('runs', 'resnet_small')}: holds a run")
+    other = run_cli("train", "nowhere", "--model", "seed_cnn")
+    assert other.returncode == 2 and "holds a run" not in other.stderr and "nowhere" in other.stderr
+
+
+def test_the_probe_recipe_refuses_flags_it_cannot_honour(tmp_path, run_cli):
+    result = run_cli("train", tmp_path / "nowhere", "--out", tmp_path / "run", "--recipe", "probe", "--model",
+                     "efficientnet_lite0", "--probe-c", "0.1", "--lr", "0.01", "--ema", "0.9", "--resume")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: the probe recipe cannot honour --resume, --lr, --ema: ")
+    assert not (tmp_path / "run").exists()
+
+
+# `predict` with the API function it calls first replaced by one that raises ERROR.
+PREDICT_RAISING = """
+import catdogcnn.predict
+from catdogcnn.cli import app
+from catdogcnn.errors import UserError
+
+def load_classifier(*args, **kwargs):
+    raise ERROR
+
+catdogcnn.predict.load_classifier = load_classifier
+app(["predict", "photo.jpg"], prog_name="catdogcnn")
+"""
+
+
+def test_a_bug_keeps_its_traceback_and_a_deliberate_error_is_one_line():
+    def predict_raising(error: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", PREDICT_RAISING.replace("ERROR", error)], capture_output=True,
+                              text=True, timeout=300)
+
+    bug = predict_raising("KeyError('x')")
+    assert bug.returncode == 1 and bug.stderr.startswith("Traceback (most recent call last):")
+    assert bug.stderr.endswith("KeyError: 'x'\n") and "error:" not in bug.stderr
+    deliberate = predict_raising("UserError('photo.jpg: not what was asked for')")
+    assert deliberate.returncode == 2 and deliberate.stderr == "error: photo.jpg: not what was asked for\n"

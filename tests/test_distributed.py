@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import free_port, make_class_folder
 
+from catdogcnn.errors import UserError
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
 from catdogcnn.train import load_checkpoint
@@ -84,7 +85,7 @@ def test_kills_at_any_moment_never_leave_a_truncated_file(data, tmp_path):
     temporary files a kill left behind."""
     out = tmp_path / "run"
     for delay in (0.5, 1.5, 2.5, 3.5, 4.5, 6.0):
-        run = catdogcnn("train", data, "--out", out, *ARGS, *(["--resume"] if (out / "last.pt").exists() else []))
+        run = catdogcnn("train", data, "--out", out, *ARGS, "--resume")  # with no last.pt yet, it starts afresh
         time.sleep(delay)
         run.send_signal(signal.SIGKILL)
         run.wait()
@@ -110,7 +111,7 @@ def test_full_disk_is_refused_before_training(data, tmp_path, monkeypatch):
         f_bavail, f_frsize = 10, 4096
 
     monkeypatch.setattr(os, "statvfs", lambda path: Full())
-    with pytest.raises(OSError, match="MB free"):
+    with pytest.raises(UserError, match="MB free"):
         train(data, tmp_path / "run", TrainConfig(epochs=1), show_progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -143,6 +144,18 @@ def test_two_nodes_train_with_identical_weights_and_write_one_bundle(data, tmp_p
     other = next(b.parent.parent for b in bundles if not b.exists())
     assert not other.exists() or not any(other.iterdir())  # nothing written by the second rank
     assert sum(output.count("epoch   1/2") for output in outputs) == 1  # only the first process logs
+
+
+@pytest.mark.slow
+def test_the_command_line_says_in_one_line_that_a_machine_never_joined(data, tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    result = subprocess.run([sys.executable, "-m", "catdogcnn", "train", str(data), "--out", str(tmp_path / "alone"),
+                             "--nnodes", "2", "--rdzv-endpoint", endpoint, "--join-timeout", "5", *NODE_ARGS],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {endpoint}: not all 2 machines joined within 5 s" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "alone").exists()
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from catdogcnn.bundle import BundleError, bundled_models_dir
-from catdogcnn.explain import colorize, explain, explain_to_folder, overlay, png_data_url
+from catdogcnn.explain import colorize, explain, explain_to_folder, heatmap_paths, overlay, png_data_url
 from catdogcnn.predict import Classifier
 
 
@@ -43,3 +43,24 @@ def test_explain_writes_files_and_refuses_models_without_maps(tmp_path, tiny_bun
     assert path.exists() and Image.open(path).size == (260, 260) and prediction.heatmap.max() <= 1
     with pytest.raises(BundleError, match="no class activation"):
         explain(Classifier(tiny_bundle), tmp_path / "x.png")
+
+
+def test_heat_maps_are_named_by_the_photo_s_path_and_never_share_a_file(tmp_path):
+    out = tmp_path / "out"
+    assert heatmap_paths([tmp_path / "x.jpg"], out) == [out / "x.heatmap.png"]
+    photos = [tmp_path / "a" / "photo.jpg", tmp_path / "b" / "photo.jpg", tmp_path / "b" / "photo.png",
+              tmp_path / "b" / "photo.jpg", tmp_path / "b" / "photo-2.jpg", tmp_path / "a" / ".." / "c" / "y.jpg"]
+    names = [path.relative_to(out).as_posix() for path in heatmap_paths(photos, out)]
+    assert names == ["a/photo.heatmap.png", "b/photo.heatmap.png", "b/photo-2.heatmap.png", "b/photo-3.heatmap.png",
+                     "b/photo-2-2.heatmap.png", "c/y.heatmap.png"]
+
+
+def test_two_photos_of_one_name_keep_a_heat_map_each(tmp_path):
+    for folder, colour in (("a", (200, 100, 50)), ("b", (30, 60, 220))):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (50, 50), colour).save(tmp_path / folder / "photo.png")
+    written = explain_to_folder(Classifier(bundled_models_dir() / "default"),
+                                [tmp_path / "a" / "photo.png", tmp_path / "b" / "photo.png"], tmp_path / "out")
+    paths = [path for _, path in written]
+    assert paths == [tmp_path / "out" / "a" / "photo.heatmap.png", tmp_path / "out" / "b" / "photo.heatmap.png"]
+    assert np.asarray(Image.open(paths[0])).tolist() != np.asarray(Image.open(paths[1])).tolist()

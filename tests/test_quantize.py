@@ -73,3 +73,20 @@ def test_quantized_bundle_keeps_its_heads_in_float(tiny_bundle, tmp_path):
     assert "DequantizeLinear" in kinds.values()  # the rest is int8
     float_p = Classifier(tiny_bundle).predict_arrays(photos)[:, 1]
     assert np.abs(int8.predict_arrays(photos)[:, 1] - float_p).max() < 0.05
+
+
+@pytest.mark.slow
+def test_an_int8_copy_sets_its_own_neither_cut_and_still_answers_neither(tmp_path):
+    from test_finetune import make_neither_folder, open_set_run
+
+    from catdogcnn.predict import NEITHER
+    from catdogcnn.quantize import quantize
+
+    bundle, _ = open_set_run(tmp_path, ("cats", "dogs"), "seed_cnn")
+    int8 = quantize(bundle, tmp_path / "data", tmp_path / "int8", calibration_photos=64)
+    entry, before = Classifier(int8).metadata["neither"], Classifier(bundle).metadata["neither"]
+    assert entry["requantized"] and entry["rules"][0]["max"] != before["rules"][0]["max"]
+    assert entry["val_pets_flagged"] <= entry["target_pets_flagged"] == before["target_pets_flagged"]
+    assert "held_out_neither_caught" not in entry  # the float graph's figures, not the int8 one's
+    answers = [p.label for p in Classifier(int8).predict_many([make_neither_folder(tmp_path / "fresh", 4, seed=9)])]
+    assert answers.count(NEITHER) >= 0.8 * len(answers), answers

@@ -18,10 +18,12 @@ from conftest import make_class_folder, run_cli
 from torch import nn
 
 from catdogcnn.data import ImageSet
+from catdogcnn.errors import UserError
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
 from catdogcnn.train import (
     TrainConfig,
+    TrainingInterrupted,
     choose_tta,
     load_checkpoint,
     logits_metrics,
@@ -168,6 +170,34 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     assert epochs == [1, 2]
 
 
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_last_whole_epoch_to_resume_from(tmp_path, monkeypatch):
+    from catdogcnn.train import loop
+
+    make_class_folder(tmp_path / "data", 20, seed=4)
+    full = TrainConfig(**{**FAST, "epochs": 2, "augment": "seed"})
+    train(tmp_path / "data", tmp_path / "straight", full, cache_dir=tmp_path / "cache", show_progress=False)
+    steps, train_step = [], loop._train_step
+
+    def ctrl_c_in_the_second_epoch(run, index, neither_index):
+        steps.append(index)
+        if run.start_epoch == 0 and len(steps) == run.steps + 1:  # the second epoch's first step
+            raise KeyboardInterrupt
+        return train_step(run, index, neither_index)
+
+    monkeypatch.setattr(loop, "_train_step", ctrl_c_in_the_second_epoch)
+    with pytest.raises(TrainingInterrupted, match="after epoch 1"):
+        train(tmp_path / "data", tmp_path / "split", full, cache_dir=tmp_path / "cache", show_progress=False)
+    run = tmp_path / "split"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "interrupted.pt")["epoch"] == 1  # weights past epoch 1, epoch 2 unfinished
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    train(tmp_path / "data", run, full, resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("straight", "split"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_training_on_the_gpu_learns_repeats_and_resumes(tmp_path):
@@ -250,7 +280,7 @@ def test_keep_freed_memory_stops_refaulting_freed_buffers():
 def test_config_rejects_unknown_settings():
     with pytest.raises(ValueError, match="unknown training setting"):
         TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
-    with pytest.raises(KeyError, match="unknown model"):
+    with pytest.raises(UserError, match="unknown model"):
         TrainConfig(model="nope").validate()
     with pytest.raises(ValueError, match="tta must be auto, on or off, not 'maybe'"):
         TrainConfig(tta="maybe").validate()
@@ -423,7 +453,8 @@ def test_every_setting_is_a_train_flag_with_its_help_choices_and_default():
         assert f.metadata["help"] in line, line
         assert (f"<{'|'.join(choices(f.name) or ())}>" in line) == bool(choices(f.name)), line
         assert (f"default: {f.default}" in line) == (f.default is not None), line
-    assert set(lines) == {"--out", "--config", "--resume", "--nproc", "--bundle", "--help"}
+    assert set(lines) == {"--out", "--config", "--resume", "--overwrite", "--nproc", "--nnodes", "--rdzv-endpoint",
+                          "--join-timeout", "--bundle", "--help"}
     for line in lines.values():  # the command's own options have their help too
         assert re.search(r"<[^>]+>(?: \[[^]]+\])?\s{2,}[A-Z]", line), line
 
@@ -438,3 +469,16 @@ def test_a_bad_choice_on_the_command_line_is_refused_before_any_work(tmp_path):
 def test_the_command_line_reads_the_settings_without_torch():
     code = "import sys, catdogcnn.cli, catdogcnn.train.config; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_the_probe_recipe_refuses_what_it_would_leave_unheeded():
+    from catdogcnn.train.probe import check_probe_request
+
+    probe = {"model": "efficientnet_lite0", "recipe": "probe"}
+    # what it reads, away from the defaults, is accepted
+    check_probe_request(TrainConfig(**probe, image_size=96, extra="none", val_fraction=0.2, tta="off", probe_c=0.1,
+                                    seed=3, threads=1))
+    with pytest.raises(UserError, match="^the probe recipe cannot honour --resume, --epochs, --augment: "):
+        check_probe_request(TrainConfig(**probe, epochs=5, augment="crop"), ["--resume"])
+    with pytest.raises(UserError, match="cannot honour --lr:"):
+        check_probe_request(TrainConfig(**probe, lr=0.01))

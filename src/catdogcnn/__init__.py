@@ -7,7 +7,8 @@ Importing the package loads numpy, Pillow and onnxruntime only; torch is needed 
 """
 
 from catdogcnn.data import BadImageError
+from catdogcnn.errors import UserError
 from catdogcnn.predict import BundleError, Classifier, Prediction, load_classifier
 
-__all__ = ["BadImageError", "BundleError", "Classifier", "Prediction", "load_classifier"]
+__all__ = ["BadImageError", "BundleError", "Classifier", "Prediction", "UserError", "load_classifier"]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 
 with needs_extra("train"):
@@ -76,23 +77,23 @@ def parse_augment(spec: str) -> AugmentConfig:
     """"crop" or "crop,cutout=0.25,mixup=0.2": a preset, then fields set one by one."""
     name, *settings = [part.strip() for part in spec.split(",")]
     if name not in PRESETS:
-        raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(PRESETS)}")
+        raise UserError(f"unknown augmentation {name!r}; known: {', '.join(PRESETS)}")
     types = {f.name: f.type for f in fields(AugmentConfig)}
     changes: dict = {}
     for setting in settings:
         key, _, value = setting.partition("=")
         if key not in types or not value:
-            raise ValueError(f"augmentation setting {setting!r}: expected FIELD=VALUE, FIELD one of {', '.join(types)}")
+            raise UserError(f"augmentation setting {setting!r}: expected FIELD=VALUE, FIELD one of {', '.join(types)}")
         try:
             changes[key] = value.lower() in ("1", "true", "yes", "on") if types[key] == "bool" else float(value)
         except ValueError:
-            raise ValueError(f"augmentation setting {setting!r}: {value!r} is not a number") from None
+            raise UserError(f"augmentation setting {setting!r}: {value!r} is not a number") from None
     config = replace(PRESETS[name], **changes)
     numbers = [config.shear_degrees, config.zoom, config.brightness, config.contrast, config.saturation,
                config.cutout, config.mixup, config.cutmix]
     if min(numbers) < 0 or not 0 < config.crop_area <= 1 or config.crop_ratio < 1 or config.zoom >= 1:
-        raise ValueError(f"augmentation {spec!r}: values out of range (crop_area in (0, 1], crop_ratio >= 1, "
-                         "zoom < 1, the rest >= 0)")
+        raise UserError(f"augmentation {spec!r}: values out of range (crop_area in (0, 1], crop_ratio >= 1, "
+                        "zoom < 1, the rest >= 0)")
     return config
 
 

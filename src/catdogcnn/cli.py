@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -15,13 +16,17 @@ from typing import Annotated, Literal
 
 import typer
 
+from catdogcnn.errors import UserError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cats-vs-dogs classifier: train, evaluate, predict.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a photo folder.")
 app.add_typer(data_app, name="data")
 
-# Errors a user can cause: printed as one line, exit code 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, PermissionError, ValueError, KeyError, OSError)
+# Errors a user can cause: printed as one line, exit code 2. Anything else is a bug and keeps its traceback, so
+# a ValueError or KeyError from a slip in the code is never mistaken for bad input. The OSErrors listed name the
+# file the user gave.
+USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -33,6 +38,7 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from catdogcnn.bundle import BundleError
+        from catdogcnn.data import BadImageError
         from catdogcnn.extras import MissingExtra
 
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
@@ -40,11 +46,37 @@ def user_errors(func):
             return func(*args, **kwargs)
         except MissingExtra as e:  # before USER_ERRORS: the command is fine, the install lacks a part
             raise _fail(str(e), code=1) from None
-        except (BundleError, *USER_ERRORS) as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise _fail(message) from None
+        except (BundleError, BadImageError, *USER_ERRORS) as e:
+            raise _fail(str(e)) from None
 
     return wrapper
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        typer.echo(f"catdogcnn {importlib.metadata.version('catdogcnn')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def app_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """The options before the command; `--version` acts in its callback, before any command runs."""
+
+
+def _settings_file(path: Path | None) -> dict:
+    """The training settings in a --config JSON file; none without one."""
+    if path is None:
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise UserError(f"{path}: not a JSON file of settings ({e})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a JSON object of settings, e.g. {{\"epochs\": 10}}")
+    return values
 
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model bundle folder, or a shipped bundle's "
@@ -247,14 +279,23 @@ def with_training_settings(command):
 @with_training_settings
 def train(
     data_dir: Annotated[Path, typer.Argument(help="Seed layout (training_set/...) or a folder of class folders.")],
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, bundle/.")] = Path("runs/seed"),
+    out: Annotated[Path | None, typer.Option(help="Run folder: checkpoints, metrics.jsonl, bundle/ (default: "
+                                             "runs/MODEL).")] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="JSON file of TrainConfig settings "
                                                      "(flags given here override it).")] = None,
     settings: dict | None = None,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT from OUT/last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start afresh in an OUT that holds a run already; its files are "
+                                            "replaced as the new run writes them.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Train in this many processes on this machine (torchrun "
                                               "+ DistributedDataParallel; the effective batch is batch size x "
                                               "nproc).")] = 1,
+    nnodes: Annotated[int, typer.Option(min=1, help="Machines training together: start the same command on "
+                                               "each, with the same --rdzv-endpoint.")] = 1,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the first machine, where the machines "
+                                                      "meet (with --nnodes).")] = None,
+    join_timeout: Annotated[int, typer.Option(min=1, help="Seconds to wait for every machine to join (with "
+                                                     "--nnodes).")] = 600,
     bundle: Annotated[Path | None, typer.Option(help="Where to write the model bundle (default OUT/bundle); "
                                                 "replaced atomically.")] = None,
 ) -> None:
@@ -262,21 +303,61 @@ def train(
     from catdogcnn.train import TrainConfig, TrainingInterrupted, keep_freed_memory
     from catdogcnn.train import train as run_training
 
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
+    config = TrainConfig.from_dict({**_settings_file(config_file), **(settings or {})})
+    out = out or Path("runs") / config.model  # one folder per model: training another never meets this run
+    _check_run_folder(out, resume, overwrite)
+    if config.recipe == "probe":
+        from catdogcnn.train.probe import check_probe_request
 
-        args = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
-                and not (i > 0 and sys.argv[i] == "--nproc")]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "catdogcnn", *args]
-        raise typer.Exit(subprocess.run(command).returncode)
-    values = json.loads(config_file.read_text()) if config_file else {}
-    config = TrainConfig.from_dict({**values, **(settings or {})})
+        check_probe_request(config, [flag for flag, given in (("--resume", resume), ("--nproc", nproc > 1)) if given])
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UserError("--nnodes needs --rdzv-endpoint HOST:PORT, the first machine's address, on every machine")
+    if (nproc > 1 or nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        _launch_processes(nproc, nnodes, rdzv_endpoint, join_timeout)
     keep_freed_memory()  # this process is the command's own: its allocator may be tuned for training
     try:
         run_training(data_dir, out, config, resume=resume, bundle_dir=bundle)
     except TrainingInterrupted as e:
         raise _fail(str(e), code=130) from None
+
+
+def _launch_processes(nproc: int, nnodes: int, rdzv_endpoint: str | None, join_timeout: int) -> None:
+    """Run this command again as `nproc` processes on each of `nnodes` machines (torchrun, in this process);
+    a machine that never joins is one line, not torchrun's traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+    from torch.distributed.run import parse_args, run
+
+    launcher_options = {"--nproc", "--nnodes", "--rdzv-endpoint", "--join-timeout"}
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # the command as given, less the launcher's own options
+        if skip or arg.split("=", 1)[0] in launcher_options:
+            skip = not skip and "=" not in arg
+            continue
+        args.append(arg)
+    where = (["--standalone"] if nnodes == 1 else
+             [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=catdogcnn",
+              f"--rdzv-conf=join_timeout={join_timeout}"])
+    try:
+        run(parse_args([*where, f"--nproc_per_node={nproc}", "-m", "catdogcnn", *args]))
+    except RendezvousTimeoutError:
+        raise UserError(f"{rdzv_endpoint}: not all {nnodes} machines joined within {join_timeout} s; start the same "
+                        "command on each machine, all with this --rdzv-endpoint") from None
+    except ChildFailedError as e:  # the processes printed their own errors
+        raise typer.Exit(next(iter(e.failures.values())).exitcode or 1) from None
+    raise typer.Exit(0)
+
+
+# What a run leaves in its folder: any of them means the folder holds a run (the probe recipe writes only bundle/).
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "bundle")
+
+
+def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds a run unless told whether to go on from it or start again."""
+    if resume and overwrite:
+        raise UserError("--resume goes on from the run in OUT, --overwrite starts it again: give one of them")
+    if not (resume or overwrite) and any((out / name).exists() for name in RUN_FILES):
+        raise UserError(f"{out}: holds a run already; --resume to go on, --overwrite to start again")
 
 
 @app.command()
@@ -337,7 +418,7 @@ def tune(
         from catdogcnn.tune import leaderboard, parse_grid
         from catdogcnn.tune import tune as run_tune
 
-    base = TrainConfig.from_dict({**(json.loads(config_file.read_text()) if config_file else {}), "model": model})
+    base = TrainConfig.from_dict({**_settings_file(config_file), "model": model})
     out = out or Path(f"runs/tune-{model}")
     console = Console(stderr=True, soft_wrap=True)
     keep_freed_memory()  # as `train` does: the trials train in this process
@@ -436,19 +517,23 @@ def serve(
 @user_errors
 def explain(
     photos: Annotated[list[Path], typer.Argument(help="Photos and/or folders of photos.")],
-    out: Annotated[Path, typer.Option(help="Folder for the heat maps (PHOTO.heatmap.png).")] = Path("heatmaps"),
+    out: Annotated[Path, typer.Option(help="Folder for the heat maps, one per photo: PHOTO.heatmap.png at the "
+                                      "photo's place under the folder that holds them all (a/photo.jpg and "
+                                      "b/photo.jpg: a/photo.heatmap.png and b/photo.heatmap.png).")]
+    = Path("heatmaps"),
     model: ModelOption = None,
 ) -> None:
     """Heat maps of where each answer comes from, laid over the photo as the model saw it."""
     from catdogcnn.data import BadImageError
-    from catdogcnn.explain import explain_to_folder
+    from catdogcnn.explain import heatmap_paths, save_heatmap
     from catdogcnn.predict import expand_photos, load_classifier
 
     classifier = load_classifier(model)
     failed = 0
-    for photo in expand_photos(photos):
+    found = expand_photos(photos)
+    for photo, path in zip(found, heatmap_paths(found, out), strict=True):
         try:
-            ((prediction, path),) = explain_to_folder(classifier, [photo], out)
+            prediction = save_heatmap(classifier, photo, path)
         except BadImageError as e:
             failed += 1
             typer.echo(f"error: {e}", err=True)

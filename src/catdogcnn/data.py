@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from catdogcnn.bundle import atomic_output, atomic_write
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 
 log = logging.getLogger("catdogcnn")
@@ -265,7 +266,7 @@ def list_classes(folder: Path) -> list[str]:
         raise FileNotFoundError(f"{folder}: not a folder")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"{folder}: no class sub-folders (expected {folder}/<class>/photo.jpg)")
+        raise UserError(f"{folder}: no class sub-folders (expected {folder}/<class>/photo.jpg)")
     return classes
 
 
@@ -325,8 +326,8 @@ def stratified_split(samples: Sequence[Sample], size: float | int, seed: int,
         per_class = Counter(labels)
         share = f"{size:.0%}" if isinstance(size, float) else size
         counts = ", ".join(str(per_class[k]) for k in sorted(per_class))
-        raise ValueError(f"{f'{folder}: ' if folder else ''}too few photos to hold out {share} of {len(samples)} "
-                         f"stratified by class (each class needs 2 or more; per class: {counts})") from None
+        raise UserError(f"{f'{folder}: ' if folder else ''}too few photos to hold out {share} of {len(samples)} "
+                        f"stratified by class (each class needs 2 or more; per class: {counts})") from None
     return [samples[i] for i in sorted(kept)], [samples[i] for i in sorted(held_out)]
 
 

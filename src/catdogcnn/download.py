@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from catdogcnn.data import BadImageError, decode_image, list_classes
+from catdogcnn.errors import UserError
 
 DEFAULT_URL = ("https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/"
                "kagglecatsanddogs_5340.zip")
@@ -169,7 +170,7 @@ def split(source: Path, dest: Path, train: int = 4000, test: int = 1000, seed: i
     for name in list_classes(source):
         photos = sorted(p for p in (source / name).iterdir() if p.is_file() and not p.name.startswith("."))
         if len(photos) < train + test:
-            raise ValueError(f"{source / name}: {len(photos)} photos, fewer than {train} + {test}")
+            raise UserError(f"{source / name}: {len(photos)} photos, fewer than {train} + {test}")
         random.Random(f"{seed}:{name}").shuffle(photos)
         label = name.lower() if name.lower().endswith("s") else name.lower() + "s"
         parts = {"training_set": photos[:train], "test_set": photos[train:train + test]}

@@ -8,6 +8,7 @@ import numpy as np
 
 from catdogcnn.calibration import expected_calibration_error, log_loss, one_vs_rest
 from catdogcnn.data import evaluation_folder, scan_folder
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 from catdogcnn.predict import NEITHER, Classifier
 
@@ -36,7 +37,7 @@ def evaluate(data_dir: str | Path, classifier: Classifier, batch_size: int | Non
     classes, samples = scan_folder(folder)
     unknown = set(classes) - set(classifier.classes)
     if unknown:
-        raise ValueError(f"{folder}: classes {sorted(unknown)} are not among the model's {classifier.classes}")
+        raise UserError(f"{folder}: classes {sorted(unknown)} are not among the model's {classifier.classes}")
     to_model = {i: classifier.classes.index(c) for i, c in enumerate(classes)}
     truth, probabilities, predicted, bad, flagged, photos = [], [], [], [], 0, []
     for sample, prediction in zip(samples, classifier.predict_many([s.path for s in samples], batch_size),
@@ -52,7 +53,7 @@ def evaluate(data_dir: str | Path, classifier: Classifier, batch_size: int | Non
                        "predicted": classifier.classes[predicted[-1]], "label": prediction.label,
                        "probabilities": prediction.probabilities})
     if not truth:
-        raise ValueError(f"{folder}: no usable photos to evaluate ({len(bad)} bad files)")
+        raise UserError(f"{folder}: no usable photos to evaluate ({len(bad)} bad files)")
     y, p, yhat = np.array(truth), np.array(probabilities, dtype=np.float64), np.array(predicted)
     p /= p.sum(axis=1, keepdims=True)  # float32 softmax sums are off by ~1e-7, which scikit-learn warns about
     labels = list(range(len(classifier.classes)))

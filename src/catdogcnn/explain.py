@@ -2,13 +2,15 @@
 
 For bundles with class activation maps (the pretrained models), the graph itself outputs the head
 applied at every position of the last feature map (CAM); the map of the predicted class is scaled to
-[0, 1] and laid over the photo as the model saw it. `catdogcnn explain PHOTO... --out DIR` writes them.
+[0, 1] and laid over the photo as the model saw it. `catdogcnn explain PHOTO... --out DIR` writes them, one
+file per photo, named after the photo's path under the folder that holds them all.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +53,35 @@ def explain(classifier: Classifier, photo: ImageSource) -> tuple[Prediction, Ima
     return prediction, overlay(image, prediction.heatmap)
 
 
+def heatmap_paths(photos: list[Path], out_dir: Path) -> list[Path]:
+    """Where each photo's heat map goes, one file per photo: its path under the folder that holds all the photos,
+    with `.heatmap.png` for its suffix (two `photo.jpg` in different folders keep a map each). A name that would
+    come twice (`photo.jpg` beside `photo.png`, a photo given twice) takes `-2`, `-3`, ... after its stem."""
+    # abspath, not resolve: `a/../b` is `b`, and a link to a photo elsewhere stays under the folder it was given in
+    folders = [Path(os.path.abspath(photo)).parent for photo in photos]
+    common = Path(os.path.commonpath(folders)) if folders else Path()
+    taken: set[Path] = set()
+    paths = []
+    for photo, folder in zip(photos, folders, strict=True):
+        stem = folder.relative_to(common) / Path(photo).stem
+        name, repeat = stem, 1
+        while name in taken:
+            repeat += 1
+            name = stem.with_name(f"{stem.name}-{repeat}")
+        taken.add(name)
+        paths.append(out_dir / f"{name}.heatmap.png")
+    return paths
+
+
+def save_heatmap(classifier: Classifier, photo: ImageSource, path: Path) -> Prediction:
+    """Explain one photo and write its heat map to `path` (its folder made if need be); the prediction."""
+    prediction, image = explain(classifier, photo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return prediction
+
+
 def explain_to_folder(classifier: Classifier, photos: list[Path], out_dir: Path) -> list[tuple[Prediction, Path]]:
-    """Write `<photo stem>.heatmap.png` for each photo into `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for photo in photos:
-        prediction, image = explain(classifier, photo)
-        path = out_dir / f"{Path(photo).stem}.heatmap.png"
-        image.save(path)
-        written.append((prediction, path))
-    return written
+    """Write each photo's heat map into `out_dir`, named as `heatmap_paths` says; (prediction, path) per photo."""
+    paths = heatmap_paths(photos, Path(out_dir))
+    return [(save_heatmap(classifier, photo, path), path) for photo, path in zip(photos, paths, strict=True)]

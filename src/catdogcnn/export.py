@@ -32,9 +32,9 @@ from catdogcnn.models import Normalize, logits_to_probabilities
 class InferenceModel(nn.Module):
     """uint8 photos (N, H, W, 3) -> class probabilities (N, C): what the ONNX graph computes.
 
-    A pretrained-backbone model (`forward_all`) also outputs the 1000 ImageNet probabilities, the class
-    activation maps (N, logits, h, w) that heat maps are drawn from and, when it learned one, the probability
-    (N, 1) that the photo shows none of the classes.
+    A pretrained-backbone model (`forward_all`) also outputs the 1000 ImageNet probabilities and the class
+    activation maps (N, logits, h, w) that heat maps are drawn from; any model that learned "neither" (an
+    `OpenSet` one included) also outputs the probability (N, 1) that the photo shows none of the classes.
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -52,6 +52,9 @@ class InferenceModel(nn.Module):
             logits, imagenet, activation, neither = self.model.forward_all(x)
             outputs = (logits_to_probabilities(logits), torch.softmax(imagenet, dim=1), activation)
             return (*outputs, torch.sigmoid(neither)) if self.open_set else outputs
+        if self.open_set:
+            logits, neither = self.model(x, with_neither=True)
+            return logits_to_probabilities(logits), torch.sigmoid(neither)
         return logits_to_probabilities(self.model(x))
 
 

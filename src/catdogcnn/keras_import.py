@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 
 with needs_extra("keras"):
@@ -29,7 +30,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "softmax": lambda: nn.Sof
                "linear": None}
 
 
-class KerasImportError(ValueError):
+class KerasImportError(UserError):
     """A Keras file that cannot be imported; the message is one line naming the file and the reason."""
 
 

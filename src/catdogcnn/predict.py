@@ -32,6 +32,7 @@ from catdogcnn.bundle import (
 )
 from catdogcnn.calibration import decide
 from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many, list_files, source_name
+from catdogcnn.errors import UserError
 
 if TYPE_CHECKING:  # onnxruntime is imported when a Classifier is made: `import catdogcnn` stays quick
     import onnxruntime as ort
@@ -99,7 +100,7 @@ class Classifier:
             if threshold is None:
                 raise BundleError(f"{self.bundle}: bundle.json's threshold must be between 0 and 1, "
                                   f"not {self.threshold}")
-            raise ValueError(f"threshold must be between 0 and 1, not {self.threshold}")
+            raise UserError(f"threshold must be between 0 and 1, not {self.threshold}")
         self.model_id: str = self.metadata.get("model_id", graph.stem)
         # Test-time augmentation: average over the photo and its mirror image (twice the work).
         self.tta: bool = bool(self.metadata.get("tta", False) if tta is None else tta)

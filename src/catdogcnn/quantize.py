@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 
 with needs_extra("train"):
@@ -38,8 +39,8 @@ def quantize(bundle: str | Path, data_dir: str | Path, out: str | Path, calibrat
     bundle = find_bundle(bundle)
     meta = float_bundle_metadata(bundle)
     if "config" not in meta.get("training", {}):
-        raise ValueError(f"{bundle}: the bundle records no training configuration, so its validation photos "
-                         "are unknown")
+        raise UserError(f"{bundle}: the bundle records no training configuration, so its validation photos "
+                        "are unknown")
     config = TrainConfig.from_dict(meta["training"]["config"])
     dataset = prepare_data(data_dir, config, meta["input"]["image_size"], meta["input"]["resize"])
     pick = np.sort(np.random.default_rng(config.seed).permutation(len(dataset.train))[:calibration_photos])
@@ -47,10 +48,10 @@ def quantize(bundle: str | Path, data_dir: str | Path, out: str | Path, calibrat
 
 
 def float_bundle_metadata(bundle_dir: Path) -> dict:
-    """A bundle's metadata, or a ValueError when it is already int8 (callers check before decoding photos)."""
+    """A bundle's metadata, or a UserError when it is already int8 (callers check before decoding photos)."""
     metadata = read_bundle_metadata(bundle_dir)
     if "quantization" in metadata:
-        raise ValueError(f"{bundle_dir}: already quantized")
+        raise UserError(f"{bundle_dir}: already quantized")
     return metadata
 
 
@@ -139,13 +140,16 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
 def _recut_neither(entry: dict, metadata: dict, int8_outputs: dict[str, np.ndarray]) -> dict:
     """The "neither" rules with their cuts set again on the int8 graph's outputs for the validation photos, to
     turn away the same share of them as before."""
-    rules = []
+    rules, flagged = [], False
     for rule in neither_rules(metadata):
         if rule["kind"] == "imagenet":
             mass = int8_outputs[rule["output"]][:, rule["pet_indices"]].sum(1)
             rules.append({**rule, "min_pet_probability": neither_threshold(mass)})
+            flagged = flagged | (mass < rules[-1]["min_pet_probability"])
         else:
             scores = int8_outputs[rule["output"]][:, 0]
             rules.append({**rule, "max": neither_cut(scores, entry.get("target_pets_flagged", 0.01))})
+            flagged = flagged | (scores > rules[-1]["max"])
+    # The float graph's figures on held-out "neither" photos are left out: they are not this graph's.
     return {**{k: v for k, v in entry.items() if k in ("fitted_on", "target_pets_flagged", "photos")},
-            "rules": rules, "requantized": True}
+            "rules": rules, "val_pets_flagged": float(np.mean(flagged)), "requantized": True}

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from catdogcnn.calibration import decide, one_vs_rest, reliability
+from catdogcnn.errors import UserError
 from catdogcnn.evaluate import describe_neither_rules
 from catdogcnn.extras import needs_extra
 from catdogcnn.predict import Classifier
@@ -172,7 +173,7 @@ def training_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{log_path}: no metrics log (is {run_dir} a training run folder?)")
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     if not log:
-        raise ValueError(f"{log_path}: empty metrics log (the probe recipe has no epochs to plot)")
+        raise UserError(f"{log_path}: empty metrics log (the probe recipe has no epochs to plot)")
     epochs = [r["epoch"] for r in log]
     fig, (loss_ax, acc_ax, time_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
     for key, ax in (("loss", loss_ax), ("accuracy", acc_ax)):

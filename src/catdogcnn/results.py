@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from catdogcnn.errors import UserError
 from catdogcnn.predict import Classifier, Prediction, expand_photos
 
 FORMATS = (".csv", ".jsonl", ".parquet")
@@ -59,7 +60,7 @@ class ResultsFile:
     def __init__(self, path: str | os.PathLike, columns: Sequence[str]):
         self.path, self.columns = Path(path), list(columns)
         if self.path.suffix not in FORMATS:
-            raise ValueError(f"{self.path}: the output must end in {', '.join(FORMATS)}")
+            raise UserError(f"{self.path}: the output must end in {', '.join(FORMATS)}")
         self.done: set[str] = set()
 
     def append(self, rows: list[dict]) -> None:
@@ -76,8 +77,8 @@ class ResultsFile:
 
     def _check_columns(self, found: Sequence[str], where: str) -> None:
         if list(found) != self.columns:
-            raise ValueError(f"{where}: its columns ({', '.join(found)}) are not this model's "
-                             f"({', '.join(self.columns)}); choose another --output")
+            raise UserError(f"{where}: its columns ({', '.join(found)}) are not this model's "
+                            f"({', '.join(self.columns)}); choose another --output")
 
 
 class LineResults(ResultsFile):
@@ -121,7 +122,7 @@ class LineResults(ResultsFile):
             try:
                 record = json.loads(line)
             except ValueError:
-                raise ValueError(f"{self.path}: line {number} is not JSON; choose another --output") from None
+                raise UserError(f"{self.path}: line {number} is not JSON; choose another --output") from None
             if number == 1:
                 self._check_columns(list(record), str(self.path))
             paths.append(record["path"])
@@ -154,10 +155,10 @@ class ParquetResults(ResultsFile):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"{self.path}: .parquet results need pyarrow (pip install 'catdogcnn[ray]'), "
-                             "or choose .csv or .jsonl") from None
+            raise UserError(f"{self.path}: .parquet results need pyarrow (pip install 'catdogcnn[ray]'), "
+                            "or choose .csv or .jsonl") from None
         if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"{self.path}: a .parquet output is a folder of part files, and this is a file")
+            raise UserError(f"{self.path}: a .parquet output is a folder of part files, and this is a file")
         self.path.mkdir(parents=True, exist_ok=True)
         self.schema = result_schema(self.columns)
         for partial in self.path.glob(".part-*.tmp"):  # a part a kill cut short: its rows are written again

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from catdogcnn.bundle import atomic_write
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 from catdogcnn.train.config import Schedule
 
@@ -96,13 +97,13 @@ def grid_of(names: list[str], values: dict[str, list] | None = None) -> dict[str
     values = values or {}
     unknown = set(values) - set(names)
     if unknown:
-        raise ValueError(f"grid values for {sorted(unknown)}, which the search does not change ({', '.join(names)})")
+        raise UserError(f"grid values for {sorted(unknown)}, which the search does not change ({', '.join(names)})")
     grid = {name: list(values.get(name) or SEARCH_SPACE[name].grid or SEARCH_SPACE[name].choices) for name in names}
     for name, param in ((n, SEARCH_SPACE[n]) for n in values):
         outside = [v for v in grid[name] if (v not in param.choices if param.kind == "choice"
                                              else not param.low <= v <= param.high)]
         if outside:
-            raise ValueError(f"grid values {outside} for {name} are outside its search space")
+            raise UserError(f"grid values {outside} for {name} are outside its search space")
     return grid
 
 
@@ -113,13 +114,13 @@ def parse_grid(spec: str) -> dict[str, list]:
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, _, listed = part.partition("=")
         if name not in SEARCH_SPACE or not listed:
-            raise ValueError(f"grid {part!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SEARCH_SPACE)}")
+            raise UserError(f"grid {part!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SEARCH_SPACE)}")
         param = SEARCH_SPACE[name]
         typed = {"int": int, "float": float}.get(param.kind) or type(param.choices[0])
         try:
             grid[name] = [typed(v) for v in listed.split(",")]
         except ValueError:
-            raise ValueError(f"grid {part!r}: values of {name} must be {typed.__name__}s") from None
+            raise UserError(f"grid {part!r}: values of {name} must be {typed.__name__}s") from None
     return grid
 
 
@@ -160,11 +161,11 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
     names = params or list(SEARCH_SPACE)
     unknown = set(names) - set(SEARCH_SPACE)
     if unknown:
-        raise ValueError(f"unknown search parameter(s) {sorted(unknown)}; known: {', '.join(SEARCH_SPACE)}")
+        raise UserError(f"unknown search parameter(s) {sorted(unknown)}; known: {', '.join(SEARCH_SPACE)}")
     if sampler not in ("tpe", "grid"):
-        raise ValueError(f"sampler must be tpe or grid, not {sampler!r}")
+        raise UserError(f"sampler must be tpe or grid, not {sampler!r}")
     if grid and sampler != "grid":
-        raise ValueError("grid values are for the grid sampler (--sampler grid)")
+        raise UserError("grid values are for the grid sampler (--sampler grid)")
     base.validate()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials report through the console; a stop is one line
     # Workers sharing a storage seed their samplers apart: with one seed they would all propose the same settings.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 
 with needs_extra("train"):
@@ -38,7 +39,7 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def get_spec(name: str) -> ModelSpec:
     if name not in REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise UserError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
 
@@ -66,12 +67,41 @@ class Normalize(nn.Module):
         return (x - self.shift) * self.scale
 
 
-def build_model(name: str, num_classes: int, image_size: int | None = None, **options) -> nn.Module:
+class OpenSet(nn.Module):
+    """A model and a second head for "none of the classes", on the features its class head reads.
+
+    The model must offer `features(x)` (what its class head takes) and `head` (that nn.Linear). Called as the
+    model is, it gives the class logits alone, so every closed-set path (validation, calibration) works on it
+    unchanged; `with_neither=True` (a keyword DistributedDataParallel passes on) adds the "neither" logit.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.neither = nn.Linear(model.head.in_features, 1)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.head
+
+    def forward(self, x: torch.Tensor, with_neither: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(x)
+        logits = self.model.head(features)
+        return (logits, self.neither(features)) if with_neither else logits
+
+
+def build_model(name: str, num_classes: int, image_size: int | None = None, open_set: bool = False,
+                **options) -> nn.Module:
+    """The named model for `num_classes` classes; `open_set` adds a learned "neither" output (the pretrained
+    models have their own, from-scratch ones are wrapped in `OpenSet`)."""
     spec = get_spec(name)
     unknown = set(options) - set(spec.options)
     if unknown:
-        raise ValueError(f"model {name!r} takes no option(s) {sorted(unknown)}; it takes {sorted(spec.options)}")
-    return spec.build(num_classes, image_size or spec.image_size, **{**spec.options, **options})
+        raise UserError(f"model {name!r} takes no option(s) {sorted(unknown)}; it takes {sorted(spec.options)}")
+    if "open_set" in spec.options:
+        options["open_set"] = open_set
+    model = spec.build(num_classes, image_size or spec.image_size, **{**spec.options, **options})
+    return OpenSet(model) if open_set and "open_set" not in spec.options else model
 
 
 # The architectures register themselves on import.

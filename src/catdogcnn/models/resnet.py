@@ -53,8 +53,12 @@ class SmallResNet(nn.Module):
             if isinstance(block, BasicBlock):
                 nn.init.zeros_(block.conv2[1].weight)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head reads (after dropout)."""
+        return self.dropout(self.body(x).mean((2, 3)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.body(x).mean((2, 3))))
+        return self.head(self.features(x))
 
 
 def build(num_classes: int, image_size: int = 64, width: int = 32, blocks_per_stage: int = 1,

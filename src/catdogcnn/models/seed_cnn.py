@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from catdogcnn.errors import UserError
 from catdogcnn.models import ModelSpec, fused_pool, num_outputs, register
 
 
@@ -32,7 +33,7 @@ class ByteDropout(nn.Module):
         super().__init__()
         self.cut = round(p * 256) if 0 <= p < 1 else -1  # a byte below this drops its element
         if not 0 <= self.cut < 256:
-            raise ValueError(f"dropout must be in [0, 1) and round below 1 in steps of 1/256, not {p}")
+            raise UserError(f"dropout must be in [0, 1) and round below 1 in steps of 1/256, not {p}")
         self.p = self.cut / 256
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,13 +71,21 @@ class FlattenChannelsLast(nn.Module):
 class SeedCNN(nn.Sequential):
     """The layers in Keras's order (a Sequential: the weights' names are the layers' indices)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def head(self) -> nn.Linear:
+        return self[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer but the last: what the head reads (128 values after the dense layer's dropout)."""
+        first = 0
         if self.training and fused_pool.conv_applies(x, self[0]):  # layers 0 and 1: conv, max-pool + ReLU
-            x = fused_pool.conv_max_pool_relu(x, self[0])
-            for layer in islice(self, 2, None):
-                x = layer(x)
-            return x
-        return super().forward(x)
+            x, first = fused_pool.conv_max_pool_relu(x, self[0]), 2
+        for layer in islice(self, first, len(self) - 1):
+            x = layer(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 def build(num_classes: int, image_size: int = 64, dropout: float = 0.25, dense_dropout: float = 0.5) -> nn.Module:

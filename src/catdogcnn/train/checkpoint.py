@@ -1,5 +1,6 @@
 """The run folder's files: checkpoints (written whole or not at all), the metrics log kept in step with them,
-the checks before a run starts, and what `--resume` reads back. Ctrl-C leaves `last.pt` to resume from."""
+the checks before a run starts, and what `--resume` reads back. Ctrl-C keeps `last.pt`, the end of the last
+whole epoch, to resume from, and saves the weights reached mid-epoch beside it in `interrupted.pt`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from catdogcnn.bundle import atomic_write
+from catdogcnn.errors import UserError
 from catdogcnn.train.config import TrainConfig
 
 log = logging.getLogger("catdogcnn")
@@ -19,6 +21,9 @@ log = logging.getLogger("catdogcnn")
 
 class TrainingInterrupted(Exception):
     """Ctrl-C during training; `last.pt` holds the state to `--resume` from."""
+
+
+INTERRUPTED_CHECKPOINT = "interrupted.pt"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -68,7 +73,7 @@ def check_writable(out_dir: Path, need_bytes: int = 50_000_000) -> None:
         raise PermissionError(f"{out_dir}: cannot write the run folder ({e.strerror or e})") from None
     free = os.statvfs(out_dir).f_bavail * os.statvfs(out_dir).f_frsize
     if free < need_bytes:
-        raise OSError(f"{out_dir}: only {free / 1e6:.0f} MB free; training needs about {need_bytes / 1e6:.0f} MB")
+        raise UserError(f"{out_dir}: only {free / 1e6:.0f} MB free; training needs about {need_bytes / 1e6:.0f} MB")
 
 
 def restart_metrics_log(path: Path, resumed_after: int | None) -> None:
@@ -77,3 +82,9 @@ def restart_metrics_log(path: Path, resumed_after: int | None) -> None:
     lines = path.read_text().splitlines() if resumed_after is not None and path.exists() else []
     kept = [line for line in lines if json.loads(line)["epoch"] <= resumed_after]
     atomic_write(path, "".join(line + "\n" for line in kept).encode())
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    """Add an epoch's record to the metrics log by rewriting it whole: a kill mid-write leaves the log as it was."""
+    before = path.read_bytes() if path.exists() else b""
+    atomic_write(path, before + (json.dumps(record) + "\n").encode())

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any, Literal
 
+from catdogcnn.errors import UserError
+
 Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["constant", "cosine"]
 Resize = Literal["bilinear", "nearest", "bicubic", "lanczos"]  # data.RESAMPLE's names
@@ -87,7 +89,8 @@ class TrainConfig:
                                   "extra_set.", Range(0, 1, low_open=True, high_open=True))
     val_max: int = setting(5000, "Validation photos at most (a stratified sample); more make the choice of epoch "
                            "surer.", Range(2))
-    select: Select = setting("best", "Weights to export: best (validation accuracy) or last.")
+    select: Select = setting("best", "Weights to export: best (validation accuracy; of equals the later epoch) or "
+                             "last.")
     tta: Tta = setting("auto", "Bundle predicts on the photo and its mirror image: auto (when that lowers the log "
                        "loss and keeps the accuracy on the validation photos), on or off.")
     recipe: Recipe = setting("full", "full (train all weights), probe (frozen pretrained features + logistic "
@@ -95,9 +98,9 @@ class TrainConfig:
                              "the cached output of the frozen ones).")
     train_blocks: int = setting(3, "finetune: backbone blocks trained, counted from the last; the earlier ones are "
                                 "frozen and run once per photo.", AT_LEAST_1)
-    neither_photos: str | None = setting(None, "finetune: a folder of photos that show none of the classes, "
-                                         "learned as the answer 'neither'.")
-    neither_weight: float = setting(1.0, "finetune: weight of the 'neither' loss beside the class loss.", POSITIVE)
+    neither_photos: str | None = setting(None, "A folder of photos that show none of the classes, learned as the "
+                                         "answer 'neither' (full and finetune recipes).")
+    neither_weight: float = setting(1.0, "Weight of the 'neither' loss beside the class loss.", POSITIVE)
     neither_pets_flagged: float = setting(0.01, "Share of the validation photos the 'neither' cut lets through as "
                                           "'neither' (the cut is that quantile of their scores).", Range(0, 0.5))
     neither_holdout_kinds: float = setting(0.25, "Share of the neither photos' kinds (the file name before its last "
@@ -118,7 +121,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+            raise UserError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
         return cls(**values)
 
     def validate(self) -> None:
@@ -130,21 +133,21 @@ class TrainConfig:
                 continue
             allowed, kind = choices(f.name), value_type(f.name)
             if allowed is not None and value not in allowed:
-                raise ValueError(f"{f.name} must be {' or '.join([', '.join(allowed[:-1]), allowed[-1]])}, "
-                                 f"not {value!r}")
+                raise UserError(f"{f.name} must be {' or '.join([', '.join(allowed[:-1]), allowed[-1]])}, "
+                                f"not {value!r}")
             # JSON has no int/float distinction for whole numbers, so an int is a float; a bool is no number
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-                raise ValueError(f"{f.name} must be {_KINDS[kind]}, not {value!r}")
+                raise UserError(f"{f.name} must be {_KINDS[kind]}, not {value!r}")
             bounds = f.metadata["bounds"]
             if bounds is not None and value not in bounds:
-                raise ValueError(f"{f.name} must be {bounds}, not {value}")
+                raise UserError(f"{f.name} must be {bounds}, not {value}")
         from catdogcnn.augment import parse_augment
         from catdogcnn.models import get_spec
 
         get_spec(self.model)
         parse_augment(self.augment)
         if self.neither_photos and self.tta == "on":
-            raise ValueError("tta on cannot go with neither_photos: the learned neither cut is fitted on single views")
+            raise UserError("tta on cannot go with neither_photos: the learned neither cut is fitted on single views")
 
 
 @cache

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catdogcnn import data as D
+from catdogcnn.errors import UserError
 from catdogcnn.train.config import TrainConfig
 
 log = logging.getLogger("catdogcnn")
@@ -48,7 +49,7 @@ def prepare_data(root: Path, config: TrainConfig, image_size: int, resize: str,
     train = D.load_images(train_samples, classes, image_size, resize, cache_dir=cache_dir)
     val = D.load_images(val_samples, classes, image_size, resize, cache_dir=cache_dir)
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"{root}: no usable photos to train on ({len(train)} train, {len(val)} validation)")
+        raise UserError(f"{root}: no usable photos to train on ({len(train)} train, {len(val)} validation)")
     # The data set by name and file list, never by a path of the machine it was trained on. Paths are made
     # absolute, not resolved: a folder of links to photos elsewhere is still listed relative to itself.
     root = Path(root).absolute()

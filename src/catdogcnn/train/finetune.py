@@ -24,6 +24,7 @@ from torch import nn
 
 from catdogcnn import data as D
 from catdogcnn.bundle import atomic_write
+from catdogcnn.errors import UserError
 from catdogcnn.models import Normalize, build_model, get_spec
 from catdogcnn.train.checkpoint import check_writable, save_checkpoint
 from catdogcnn.train.config import TrainConfig
@@ -31,7 +32,7 @@ from catdogcnn.train.dataset import prepare_data
 from catdogcnn.train.device import use_bf16
 from catdogcnn.train.finish import finish
 from catdogcnn.train.metrics import loss_and_correct
-from catdogcnn.train.openset import NeitherPhotos, load_neither
+from catdogcnn.train.openset import NeitherPhotos, neither_for
 from catdogcnn.train.optim import lr_factor, make_optimizer
 
 
@@ -98,17 +99,15 @@ def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoin
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     dataset = prepare_data(Path(data_dir), config, image_size, resize, cache_dir)
-    neither = (load_neither(Path(config.neither_photos), list(dataset.train.paths), image_size, resize,
-                            config.neither_holdout_kinds, config.neither_holdout_photos, config.seed)
-               if config.neither_photos else None)
+    neither = neither_for(config, list(dataset.train.paths), image_size, resize)
     options = {"dropout": config.dropout} if config.dropout is not None else {}
     model = build_model(config.model, len(dataset.summary["classes"]), image_size, open_set=neither is not None,
                         **options)
     if not hasattr(model, "backbone"):
-        raise ValueError(f"the finetune recipe needs a pretrained backbone; {config.model!r} has none")
+        raise UserError(f"the finetune recipe needs a pretrained backbone; {config.model!r} has none")
     first = len(model.backbone._blocks) - config.train_blocks
     if first < 0:
-        raise ValueError(f"train_blocks must be at most {len(model.backbone._blocks)} for {config.model}")
+        raise UserError(f"train_blocks must be at most {len(model.backbone._blocks)} for {config.model}")
     prefix = FrozenPrefix(model, first, spec.mean, spec.std)
     feature_cache = None if cache_dir is False else Path(cache_dir or D.default_cache_dir())
     train_x = _views(prefix, image_size, dataset.train.images, "pets", feature_cache)

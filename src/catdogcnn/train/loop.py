@@ -17,14 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from catdogcnn.augment import augment_batch, mix_batch, parse_augment
+from catdogcnn.errors import UserError
 from catdogcnn.models import Normalize, build_model, get_spec, num_outputs
 from catdogcnn.train.checkpoint import (
+    INTERRUPTED_CHECKPOINT,
     TrainingInterrupted,
+    append_metrics,
     check_writable,
     load_checkpoint,
     restart_metrics_log,
@@ -38,8 +42,9 @@ from catdogcnn.train.distributed import end_training, init_distributed, leave, w
 from catdogcnn.train.finetune import train_finetune
 from catdogcnn.train.finish import finish
 from catdogcnn.train.metrics import evaluate_arrays, loss_and_correct, soft_targets, to_batch
+from catdogcnn.train.openset import neither_for
 from catdogcnn.train.optim import lr_factor, make_optimizer
-from catdogcnn.train.probe import train_probe
+from catdogcnn.train.probe import check_probe_request, train_probe
 from catdogcnn.train.run import Run
 
 
@@ -59,8 +64,9 @@ def train(data_dir: Path, out_dir: Path, config: TrainConfig | None = None, resu
     config.validate()
     bundle_dir = Path(bundle_dir) if bundle_dir else out_dir / "bundle"
     if config.recipe != "full" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"the {config.recipe} recipe trains in one process; run it without torchrun or --nproc")
+        raise UserError(f"the {config.recipe} recipe trains in one process; run it without torchrun or --nproc")
     if config.recipe == "probe":
+        check_probe_request(config, ["--resume"] if resume else [])
         return train_probe(Path(data_dir), out_dir, config, cache_dir, show_progress, bundle_dir)
     if config.recipe == "finetune":
         return train_finetune(Path(data_dir), out_dir, config, checkpoint, cache_dir, bundle_dir)
@@ -88,8 +94,12 @@ def _set_up(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict
                   f"{len(dataset.train.bad) + len(dataset.val.bad)} bad files skipped "
                   f"({time.perf_counter() - started:.1f} s)")
 
+    neither = neither_for(config, list(dataset.train.paths), image_size, config.resize or spec.resize)
+    if neither:
+        console.print(f"'neither': {len(neither.images['train'])} photos to learn from, "
+                      f"{len(neither.images['seen']) + len(neither.images['unseen'])} held out to measure")
     options = {"dropout": config.dropout} if config.dropout is not None else {}
-    model = build_model(config.model, len(classes), image_size, **options).to(device)
+    model = build_model(config.model, len(classes), image_size, open_set=neither is not None, **options).to(device)
     model = model.to(memory_format=torch.channels_last)
     trained = wrap(model, world)
     optimizer = make_optimizer(model, config)
@@ -103,7 +113,7 @@ def _set_up(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict
     run = Run(config=config, out_dir=out_dir, dataset=dataset, device=device, model=model, trained=trained,
               normalize=Normalize(spec.mean, spec.std).to(device), optimizer=optimizer, scheduler=scheduler,
               augment=augment, augment_rng=augment_rng, ema=ema, use_amp=use_bf16(config.precision, device),
-              rank=rank, world=world, per_process=per_process, steps=steps, console=console)
+              rank=rank, world=world, per_process=per_process, steps=steps, console=console, neither=neither)
     if checkpoint:
         run.restore(checkpoint, out_dir / "last.pt")
     if run.lead:
@@ -124,11 +134,13 @@ def _train_epochs(run: Run, show_progress: bool, on_epoch: Callable[[dict], None
                 if run.lead:
                     _end_epoch(run, epoch, figures, on_epoch)
     except KeyboardInterrupt:
-        # The unfinished epoch is redone on --resume, starting from the weights reached so far.
+        # last.pt stays the end of the last whole epoch, so a resumed run ends as a straight one would; the
+        # weights reached mid-epoch are kept beside it for a look, never resumed from.
         if run.lead:
-            save_checkpoint(run.out_dir / "last.pt", run.state(epoch))
-        raise TrainingInterrupted("interrupted; resume with --resume "
-                                  f"(state saved in {run.out_dir / 'last.pt'})") from None
+            save_checkpoint(run.out_dir / INTERRUPTED_CHECKPOINT, run.state(epoch))
+        done = f"after epoch {epoch}" if epoch else "from the beginning"
+        raise TrainingInterrupted(f"interrupted in epoch {epoch + 1}; --resume goes on {done} "
+                                  f"(mid-epoch weights in {run.out_dir / INTERRUPTED_CHECKPOINT})") from None
 
 
 def _train_epoch(run: Run, epoch: int, progress: Progress, show_progress: bool) -> dict:
@@ -139,13 +151,18 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, show_progress: bool) 
     order = torch.randperm(len(run.dataset.train.labels),
                            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
     order = order.numpy()[run.rank::run.world][:run.per_process]
+    # The "neither" photos go round once an epoch too, an even share of them in every batch.
+    n_neither = len(run.neither.images["train"]) if run.neither else 0
+    neither_order = np.random.default_rng((config.seed, epoch)).permutation(n_neither)[run.rank::run.world]
+    neither_per_step = math.ceil(len(neither_order) / run.steps)
     task = progress.add_task("", total=run.steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, acc=0.0, speed=0.0)
     started, seen, loss_sum, correct_sum = time.perf_counter(), 0, 0.0, 0
     heartbeat = started
     for step in range(run.steps):
         # sorted rows: sequential reads from the memory-mapped cache
         index = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
-        loss, correct = _train_step(run, index)
+        loss, correct = _train_step(run, index, np.sort(neither_order[step * neither_per_step:
+                                                                      (step + 1) * neither_per_step]))
         seen += len(index)
         loss_sum += float(loss.detach())
         correct_sum += int(correct)
@@ -161,18 +178,28 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, show_progress: bool) 
             "images_per_second": seen * run.world / seconds}
 
 
-def _train_step(run: Run, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on the training photos at `index` (sorted); their summed loss and correct count."""
+def _train_step(run: Run, index: np.ndarray, neither_index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the training photos at `index` (sorted) and the "neither" photos at
+    `neither_index`; the class photos' summed loss and correct count."""
     train = run.dataset.train
-    x = augment_batch(to_batch(train.images, index, run.device), run.augment, run.augment_rng)
+    x = to_batch(train.images, index, run.device)
+    if run.neither:  # augmented as the class photos are, but never mixed with them
+        x = torch.cat([x, to_batch(run.neither.images["train"], neither_index, run.device)])
+    x = augment_batch(x, run.augment, run.augment_rng)
+    x, x_neither = x[:len(index)], x[len(index):]
     y = torch.from_numpy(train.labels[index]).to(run.device)
     x, targets = mix_batch(x, soft_targets(y, num_outputs(len(train.classes))), run.augment, run.augment_rng)
-    x = run.normalize(x).contiguous(memory_format=torch.channels_last)
+    x = run.normalize(torch.cat([x, x_neither])).contiguous(memory_format=torch.channels_last)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp):
-        logits = run.trained(x)
-    loss, correct = loss_and_correct(logits.float(), y, run.config.label_smoothing, targets)
+        logits, neither_logit = run.trained(x, with_neither=True) if run.neither else (run.trained(x), None)
+    loss, correct = loss_and_correct(logits[:len(index)].float(), y, run.config.label_smoothing, targets)
+    objective = loss / len(index)
+    if run.neither:  # the answer "neither" for the neither photos, not for the class photos
+        is_neither = (torch.arange(len(x), device=run.device) >= len(index)).float()
+        objective = objective + run.config.neither_weight * F.binary_cross_entropy_with_logits(
+            neither_logit[:, 0].float(), is_neither)
     run.optimizer.zero_grad(set_to_none=True)
-    (loss / len(index)).backward()
+    objective.backward()
     run.optimizer.step()
     run.scheduler.step()
     if run.ema:
@@ -188,13 +215,12 @@ def _end_epoch(run: Run, epoch: int, figures: dict, on_epoch: Callable[[dict], N
     record = {"epoch": epoch + 1, "train_loss": figures["train_loss"], "train_accuracy": figures["train_accuracy"],
               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": figures["seconds"],
               "images_per_second": figures["images_per_second"], "lr": run.optimizer.param_groups[0]["lr"]}
-    with open(run.out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_metrics(run.out_dir / "metrics.jsonl", record)
     run.console.print(f"epoch {epoch + 1:>3}/{run.config.epochs}  loss {record['train_loss']:.4f}  "
                       f"acc {record['train_accuracy']:.4f}  val_loss {val['loss']:.4f}  "
                       f"val_acc {val['accuracy']:.4f}  {record['seconds']:.1f} s  "
                       f"{record['images_per_second']:.0f} img/s")
-    if val["accuracy"] > run.best_accuracy:
+    if val["accuracy"] >= run.best_accuracy:  # of equals the later: more trained (its "neither" head too)
         run.best_accuracy = val["accuracy"]
         save_checkpoint(run.out_dir / "best.pt", run.state(epoch + 1))
     save_checkpoint(run.out_dir / "last.pt", run.state(epoch + 1))
@@ -216,6 +242,7 @@ def _finish_run(run: Run, bundle_dir: Path, export: bool) -> Path | None:
         records = (run.out_dir / "metrics.jsonl").read_text().splitlines()
         training = {"seconds": sum(json.loads(line)["seconds"] for line in records), "epoch": chosen["epoch"],
                     "distributed": distributed}
-        return finish(run.validated_model, bundle_dir, run.config, run.dataset, training, run.console)
+        return finish(run.validated_model, bundle_dir, run.config, run.dataset, training, run.console,
+                      neither=run.neither)
     finally:
         leave(run.world)

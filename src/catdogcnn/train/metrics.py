@@ -56,6 +56,16 @@ def predict_logits(model: nn.Module, normalize: nn.Module, images: np.ndarray, d
     return torch.cat(logits), (torch.cat(imagenet) if with_imagenet else None)
 
 
+@torch.no_grad()
+def predict_neither_logits(model: nn.Module, normalize: nn.Module, images: np.ndarray,
+                           batch_size: int = 64) -> torch.Tensor:
+    """The "neither" logits (N, 1) of an `OpenSet` model on decoded photos, in eval mode, on the CPU."""
+    model.eval()
+    return torch.cat([model(normalize(to_batch(images, np.arange(start, min(start + batch_size, len(images))),
+                                               torch.device("cpu"))), with_neither=True)[1].float()
+                      for start in range(0, len(images), batch_size)])
+
+
 def logits_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
     loss, correct = loss_and_correct(logits, torch.from_numpy(np.asarray(labels)))
     # cross-entropy gives -0.0 (or a hair below zero) when every photo is certain: "-0.0000" in the log

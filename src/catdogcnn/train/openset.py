@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from catdogcnn import data as D
+from catdogcnn.errors import UserError
 
 log = logging.getLogger("catdogcnn")
 
@@ -102,10 +103,18 @@ def load_neither(folder: Path, training_paths: list[Path], image_size: int, resa
     images = {role: decoded[[row[p] for p in paths]] for role, paths in parts.items()}
     kinds = {role: [kind_of(p, folder) for p in paths] for role, paths in parts.items()}
     if not len(images["train"]):
-        raise ValueError(f"{folder}: no 'neither' photos left to train on")
+        raise UserError(f"{folder}: no 'neither' photos left to train on")
     listing = "\n".join(str(p.relative_to(folder)) for p in good).encode()
     summary = {"folder": folder.name, "photos_sha256": hashlib.sha256(listing).hexdigest(),
                "photos": {role: len(paths) for role, paths in parts.items()}, "skipped_files": len(files) - len(good),
                "presize": presize, "unseen_kinds": sorted(set(kinds["unseen"])),
                "trained_kinds": sorted(set(kinds["train"])), "seed": seed}
     return NeitherPhotos(images, kinds, summary)
+
+
+def neither_for(config, training_paths: list[Path], image_size: int, resample: str) -> NeitherPhotos | None:
+    """The run's "neither" photos (`config.neither_photos`, split as its settings say), or None without them."""
+    if not config.neither_photos:
+        return None
+    return load_neither(Path(config.neither_photos), training_paths, image_size, resample,
+                        config.neither_holdout_kinds, config.neither_holdout_photos, config.seed)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from torch import nn
 
 from catdogcnn import data as D
 from catdogcnn.bundle import atomic_write
+from catdogcnn.errors import UserError
 from catdogcnn.extras import needs_extra
 from catdogcnn.models import ModelSpec, Normalize, build_model, get_spec
 from catdogcnn.train.checkpoint import check_writable
@@ -23,6 +26,10 @@ from catdogcnn.train.dataset import prepare_data
 from catdogcnn.train.finish import finish
 
 PROBE_C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0]
+# The settings this recipe reads. It trains nothing by gradient and predicts on the validation photos as they
+# are, so the rest (epochs, optimizer, augmentation, ...) would go unheeded.
+PROBE_SETTINGS = frozenset({"model", "image_size", "resize", "extra", "val_fraction", "val_max", "tta", "recipe",
+                            "probe_c", "seed", "threads"})
 
 
 class FeatureExtractor(nn.Module):
@@ -70,6 +77,16 @@ def extract_features(model: nn.Module, spec: ModelSpec, image_size: int, image_s
     return out
 
 
+def check_probe_request(config: TrainConfig, flags: Sequence[str] = ()) -> None:
+    """Refuse, in one line, what the probe recipe would leave unheeded: `flags` (the caller's own options it
+    cannot honour, e.g. --resume) and every setting it does not read that is not at its default."""
+    unheeded = [*flags, *(f"--{f.name.replace('_', '-')}" for f in fields(config)
+                          if f.name not in PROBE_SETTINGS and getattr(config, f.name) != f.default)]
+    if unheeded:
+        raise UserError(f"the probe recipe cannot honour {', '.join(unheeded)}: it fits a logistic regression on "
+                        "a frozen backbone's features, once, in one process")
+
+
 def train_probe(data_dir: Path, out_dir: Path, config: TrainConfig, cache_dir: Path | None | bool = None,
                 show_progress: bool | None = None, bundle_dir: Path | None = None) -> Path:
     """Frozen pretrained backbone + logistic regression on its features; C chosen by validation log loss."""
@@ -85,7 +102,7 @@ def train_probe(data_dir: Path, out_dir: Path, config: TrainConfig, cache_dir: P
                   f"({time.perf_counter() - started:.0f} s)")
     model = build_model(config.model, len(dataset.summary["classes"]), image_size).eval()
     if not hasattr(model, "backbone"):
-        raise ValueError(f"the probe recipe needs a pretrained backbone; {config.model!r} has none")
+        raise UserError(f"the probe recipe needs a pretrained backbone; {config.model!r} has none")
     feature_cache = None if cache_dir is False else Path(cache_dir or D.default_cache_dir())
     train_x, val_x = extract_features(model, spec, image_size, [dataset.train, dataset.val], feature_cache)
     console.print(f"features of {len(train_x) + len(val_x)} photos ready at {time.perf_counter() - started:.0f} s")

@@ -11,8 +11,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from catdogcnn.augment import AugmentConfig
+from catdogcnn.errors import UserError
 from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import TrainingData
+from catdogcnn.train.openset import NeitherPhotos
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Run:
     per_process: int  # training photos each process takes per epoch (the same count on each: DDP steps together)
     steps: int  # steps per epoch
     console: Console
+    neither: NeitherPhotos | None = None  # photos of none of the classes, learned as "neither"
     start_epoch: int = 0
     best_accuracy: float = -1.0
 
@@ -62,8 +65,8 @@ class Run:
         try:
             self.model.load_state_dict(checkpoint["model"])
         except RuntimeError:  # torch lists every mismatched tensor; one line says what it means
-            raise ValueError(f"{path}: its weights do not fit this version's {self.config.model} model "
-                             "(saved by an older catdogcnn?); start a new run in another folder") from None
+            raise UserError(f"{path}: its weights do not fit this version's {self.config.model} model "
+                            "(saved by an older catdogcnn?); start a new run in another folder") from None
         if self.ema:
             self.ema.load_state_dict(checkpoint["ema"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
