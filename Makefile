@@ -77,8 +77,8 @@ seed-model: install
 		--bundle models/seed_cnn
 
 scratch-model: install
-	$(BIN)/catdogcnn train $(DATA) --config configs/resnet_small.json --out runs/resnet_small --overwrite --seed 0 \
-		--bundle models/resnet_small
+	$(BIN)/catdogcnn train $(DATA) --config configs/resnet_small.json --neither-photos $(NEITHER) \
+		--out runs/resnet_small --overwrite --seed 0 --bundle models/resnet_small
 
 ## The default: EfficientNet-Lite2 at 260 px, its last 3 blocks and head fine-tuned on the cached output of the
 ## frozen ones, and a learned "neither" from $(NEITHER) (photos with no cat or dog); no mirror averaging. The

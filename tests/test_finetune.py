@@ -147,3 +147,39 @@ def test_three_classes_with_neither(tmp_path, model):
 def test_mirror_averaging_is_refused_beside_a_learned_neither():
     with pytest.raises(ValueError, match="tta on cannot go with neither_photos"):
         TrainConfig(recipe="finetune", model="efficientnet_lite0", neither_photos="photos", tta="on").validate()
+
+
+@pytest.mark.slow
+def test_an_open_set_run_resumes_to_the_weights_of_a_straight_one(tmp_path):
+    import torch
+
+    from catdogcnn.train import load_checkpoint
+
+    make_class_folder(tmp_path / "data", 30, seed=1)
+    neither = make_neither_folder(tmp_path / "neither", 8, seed=2)
+    config = TrainConfig(model="seed_cnn", epochs=2, batch_size=16, augment="seed", neither_photos=str(neither),
+                         val_fraction=0.2, tta="off", threads=2, ema=0.9)
+    train(tmp_path / "data", tmp_path / "straight", config, cache_dir=tmp_path / "cache", show_progress=False)
+    train(tmp_path / "data", tmp_path / "split", TrainConfig(**{**config.__dict__, "epochs": 1}),
+          cache_dir=tmp_path / "cache", show_progress=False)
+    bundle = train(tmp_path / "data", tmp_path / "split", config, resume=True, cache_dir=tmp_path / "cache",
+                   show_progress=False)
+    a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "split"))
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys() and any("neither" in k for k in a[part])
+        for name in a[part]:
+            assert torch.allclose(a[part][name].float(), b[part][name].float(), atol=1e-6), (part, name)
+    assert neither_rules(read_bundle_metadata(bundle))[0]["kind"] == "learned"
+
+
+@pytest.mark.slow
+def test_the_full_recipe_teaches_neither_to_a_pretrained_model_too(tmp_path):
+    make_class_folder(tmp_path / "data", 30, seed=1)
+    neither = make_neither_folder(tmp_path / "neither", 8, seed=2)
+    config = TrainConfig(model="efficientnet_lite0", image_size=64, epochs=1, batch_size=16, lr=1e-3,
+                         optimizer="adamw", augment="none", neither_photos=str(neither), val_fraction=0.2, tta="off",
+                         threads=2)
+    bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
+    metadata = read_bundle_metadata(bundle)
+    assert [rule["kind"] for rule in neither_rules(metadata)] == ["learned"]  # not the ImageNet rule
+    assert NEITHER_OUTPUT_NAME in metadata["graph"]["outputs"]

@@ -181,7 +181,7 @@ def test_ctrl_c_keeps_the_last_whole_epoch_to_resume_from(tmp_path, monkeypatch)
 
     def ctrl_c_in_the_second_epoch(run, index, neither_index):
         steps.append(index)
-        if run.start_epoch == 0 and len(steps) == run.steps + 1:  # the second epoch's first step
+        if run.start_epoch == 0 and len(steps) == run.steps + 2:  # the second epoch's second step
             raise KeyboardInterrupt
         return train_step(run, index, neither_index)
 
@@ -189,13 +189,33 @@ def test_ctrl_c_keeps_the_last_whole_epoch_to_resume_from(tmp_path, monkeypatch)
     with pytest.raises(TrainingInterrupted, match="after epoch 1"):
         train(tmp_path / "data", tmp_path / "split", full, cache_dir=tmp_path / "cache", show_progress=False)
     run = tmp_path / "split"
-    assert load_checkpoint(run / "last.pt")["epoch"] == 1
-    assert load_checkpoint(run / "interrupted.pt")["epoch"] == 1  # weights past epoch 1, epoch 2 unfinished
+    last, interrupted = load_checkpoint(run / "last.pt"), load_checkpoint(run / "interrupted.pt")
+    assert last["epoch"] == 1 and interrupted["epoch"] == 1  # epoch 2 unfinished: one step into it
+    assert any(not torch.equal(last["model"][k], interrupted["model"][k]) for k in last["model"])
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     train(tmp_path / "data", run, full, resume=True, cache_dir=tmp_path / "cache", show_progress=False)
     a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("straight", "split"))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_a_run_started_afresh_in_a_used_folder_leaves_nothing_of_the_old_run_to_resume(tmp_path, monkeypatch):
+    from catdogcnn.train import loop
+
+    make_class_folder(tmp_path / "data", 20, seed=4)
+    config = TrainConfig(**{**FAST, "epochs": 1})
+    train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+
+    def ctrl_c(run, index, neither_index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_train_step", ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="from the beginning"):
+        train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+    assert (tmp_path / "run" / "interrupted.pt").exists()
 
 
 @pytest.mark.gpu

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.metadata
 import inspect
 import json
 import logging
@@ -26,7 +25,7 @@ app.add_typer(data_app, name="data")
 # Errors a user can cause: printed as one line, exit code 2. Anything else is a bug and keeps its traceback, so
 # a ValueError or KeyError from a slip in the code is never mistaken for bad input. The OSErrors listed name the
 # file the user gave.
-USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -54,7 +53,9 @@ def user_errors(func):
 
 def _print_version(given: bool) -> None:
     if given:
-        typer.echo(f"catdogcnn {importlib.metadata.version('catdogcnn')}")
+        from catdogcnn import __version__
+
+        typer.echo(f"catdogcnn {__version__}")
         raise typer.Exit()
 
 
@@ -309,7 +310,8 @@ def train(
     if config.recipe == "probe":
         from catdogcnn.train.probe import check_probe_request
 
-        check_probe_request(config, [flag for flag, given in (("--resume", resume), ("--nproc", nproc > 1)) if given])
+        check_probe_request(config, [flag for flag, given in (("--resume", resume), ("--nproc", nproc > 1),
+                                                              ("--nnodes", nnodes > 1)) if given])
     if nnodes > 1 and not rdzv_endpoint:
         raise UserError("--nnodes needs --rdzv-endpoint HOST:PORT, the first machine's address, on every machine")
     if (nproc > 1 or nnodes > 1) and "WORLD_SIZE" not in os.environ:
@@ -324,8 +326,9 @@ def train(
 def _launch_processes(nproc: int, nnodes: int, rdzv_endpoint: str | None, join_timeout: int) -> None:
     """Run this command again as `nproc` processes on each of `nnodes` machines (torchrun, in this process);
     a machine that never joins is one line, not torchrun's traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
     launcher_options = {"--nproc", "--nnodes", "--rdzv-endpoint", "--join-timeout"}
@@ -343,19 +346,21 @@ def _launch_processes(nproc: int, nnodes: int, rdzv_endpoint: str | None, join_t
     except RendezvousTimeoutError:
         raise UserError(f"{rdzv_endpoint}: not all {nnodes} machines joined within {join_timeout} s; start the same "
                         "command on each machine, all with this --rdzv-endpoint") from None
-    except ChildFailedError as e:  # the processes printed their own errors
-        raise typer.Exit(next(iter(e.failures.values())).exitcode or 1) from None
+    except RendezvousError as e:  # e.g. the first machine's endpoint cannot be reached
+        raise UserError(f"{rdzv_endpoint}: the machines could not meet there ({e})") from None
+    except SignalException:  # Ctrl-C or a stop signal to the launcher: the processes were stopped
+        raise typer.Exit(130) from None
+    except ChildFailedError as e:  # the processes printed their own errors; a signal's exit code is negative
+        raise typer.Exit(abs(e.get_first_failure()[1].exitcode) or 1) from None
     raise typer.Exit(0)
-
-
-# What a run leaves in its folder: any of them means the folder holds a run (the probe recipe writes only bundle/).
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "bundle")
 
 
 def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train into a folder that holds a run unless told whether to go on from it or start again."""
     if resume and overwrite:
         raise UserError("--resume goes on from the run in OUT, --overwrite starts it again: give one of them")
+    from catdogcnn.train.checkpoint import RUN_FILES
+
     if not (resume or overwrite) and any((out / name).exists() for name in RUN_FILES):
         raise UserError(f"{out}: holds a run already; --resume to go on, --overwrite to start again")
 

@@ -35,6 +35,7 @@ with needs_extra("tune"):
     from catdogcnn.augment import PRESETS
     from catdogcnn.models import get_spec
     from catdogcnn.train import TrainConfig, TrainingInterrupted, train
+    from catdogcnn.train.checkpoint import CHECKPOINTS
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -211,7 +212,7 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
             raise
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - started)
-            for checkpoint in ("last.pt", "best.pt"):  # the study keeps the figures; weights would fill the disk
+            for checkpoint in CHECKPOINTS:  # the study keeps the figures; weights would fill the disk
                 (run_dir / checkpoint).unlink(missing_ok=True)
         return best
 
@@ -224,7 +225,7 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
     remaining = trials - len(study.get_trials(deepcopy=False, states=FINISHED))
     if remaining > 0:
         run_trials(remaining)
-    _settle(study, run_trials, heartbeat_s)
+    _settle(study, run_trials, heartbeat_s, console)
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
         return TuneResult(study, None, None)
@@ -234,21 +235,30 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
     return TuneResult(study, best_config, best_path)
 
 
-def _settle(study: optuna.Study, run_trials: Callable[[int], None], heartbeat_s: int) -> None:
-    """Return once no trial of the study is running. Another worker's trial is waited for until it finishes or
-    falls silent; a silent one is failed and its retry run here. Without this, a worker killed near the end
-    would leave its trial running for ever and its configuration never measured."""
+def _settle(study: optuna.Study, run_trials: Callable[[int], None], heartbeat_s: int, console: Console) -> None:
+    """Before leaving, catch a trial whose worker died near the end: it falls silent within the grace period
+    (four beats), is failed, and its retry runs here. A trial still running after five beats has a live worker,
+    which finishes it; without this, a dead worker's trial would stay running for ever, never measured."""
     states = optuna.trial.TrialState
-    while True:
-        with warnings.catch_warnings():  # experimental in Optuna since 2.9, like the heartbeats above
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        if any("failed_trial" in t.system_attrs for t in study.get_trials(deepcopy=False, states=(states.WAITING,))):
-            run_trials(1)
-        elif study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-            time.sleep(heartbeat_s)
-        else:
-            return
+    deadline = time.monotonic() + 5 * heartbeat_s
+    try:
+        while True:
+            with warnings.catch_warnings():  # experimental in Optuna since 2.9, like the heartbeats above
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            waiting = study.get_trials(deepcopy=False, states=(states.WAITING,))
+            running = study.get_trials(deepcopy=False, states=(states.RUNNING,))
+            if waiting and "failed_trial" in waiting[0].system_attrs:  # the retry is next in the queue
+                run_trials(1)
+            elif running and time.monotonic() < deadline:
+                console.print(f"waiting for trial(s) {', '.join(str(t.number) for t in running)} of other workers "
+                              "to finish or fall silent")
+                time.sleep(heartbeat_s)
+            else:
+                return
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted while waiting for other workers' trials; the study is complete"
+                                  ) from None
 
 
 def _after_trial(best_path: Path, console: Console) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:

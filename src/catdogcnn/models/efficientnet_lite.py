@@ -137,8 +137,10 @@ class PetClassifier(nn.Module):
         self.head = nn.Linear(NUM_FEATURES, num_outputs(num_classes))
         self.neither = nn.Linear(NUM_FEATURES, 1) if open_set else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.backbone.features(x)))
+    def forward(self, x: torch.Tensor, with_neither: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Class logits; with `with_neither` (an open-set model) also the "neither" logit, as `OpenSet` gives."""
+        features = self.dropout(self.backbone.features(x))
+        return (self.head(features), self.neither(features)) if with_neither else self.head(features)
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.outputs_from_map(self.backbone.feature_map(x))

@@ -24,6 +24,8 @@ class TrainingInterrupted(Exception):
 
 
 INTERRUPTED_CHECKPOINT = "interrupted.pt"
+CHECKPOINTS = ("last.pt", "best.pt", INTERRUPTED_CHECKPOINT)
+RUN_FILES = (*CHECKPOINTS, "metrics.jsonl", "bundle")  # any of them: the folder holds a run
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -88,3 +90,10 @@ def append_metrics(path: Path, record: dict) -> None:
     """Add an epoch's record to the metrics log by rewriting it whole: a kill mid-write leaves the log as it was."""
     before = path.read_bytes() if path.exists() else b""
     atomic_write(path, before + (json.dumps(record) + "\n").encode())
+
+
+def clear_checkpoints(out_dir: Path) -> None:
+    """Remove an earlier run's checkpoints from a folder a new run starts afresh in (`--overwrite`): a kill
+    before the new run's first checkpoint must not leave `--resume` to go on from the old run."""
+    for name in CHECKPOINTS:
+        (out_dir / name).unlink(missing_ok=True)

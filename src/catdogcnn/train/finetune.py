@@ -26,7 +26,7 @@ from catdogcnn import data as D
 from catdogcnn.bundle import atomic_write
 from catdogcnn.errors import UserError
 from catdogcnn.models import Normalize, build_model, get_spec
-from catdogcnn.train.checkpoint import check_writable, save_checkpoint
+from catdogcnn.train.checkpoint import check_writable, clear_checkpoints, save_checkpoint
 from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import prepare_data
 from catdogcnn.train.device import use_bf16
@@ -92,6 +92,8 @@ def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoin
     """Fine-tune the last blocks on cached activations; checkpoint every epoch; export the bundle."""
     console = Console(stderr=True, soft_wrap=True)
     check_writable(out_dir)
+    if checkpoint is None:
+        clear_checkpoints(out_dir)
     spec = get_spec(config.model)
     image_size = config.image_size or spec.image_size
     resize = config.resize or spec.resize

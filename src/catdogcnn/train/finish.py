@@ -13,7 +13,7 @@ from torch import nn
 
 from catdogcnn.augment import parse_augment
 from catdogcnn.export import export_bundle
-from catdogcnn.models import Normalize, OpenSet, get_spec
+from catdogcnn.models import Normalize, get_spec
 from catdogcnn.train.calibrate import (
     calibrate,
     calibrate_neither,
@@ -43,15 +43,15 @@ def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tra
     image_size = config.image_size or spec.image_size
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     normalize = Normalize(spec.mean, spec.std)
+    if val_neither is None and getattr(model, "neither", None) is not None:  # learned by the full recipe
+        val_neither = predict_neither_logits(model, normalize, dataset.val.images)
+        neither_outputs = {role: predict_neither_logits(model, normalize, neither.images[role]).numpy()[:, 0]
+                           for role in ("seen", "unseen") if neither and len(neither.images[role])}
     with_neither = (hasattr(model, "forward_all") and is_cats_and_dogs(dataset.summary["classes"])
                     and val_neither is None)
     if val_logits is None:
         val_logits = predict_logits(model, normalize, dataset.val.images, torch.device("cpu"),
                                     with_imagenet=with_neither)
-    if val_neither is None and isinstance(model, OpenSet):  # a from-scratch model that learned "neither"
-        val_neither = predict_neither_logits(model, normalize, dataset.val.images)
-        neither_outputs = {role: predict_neither_logits(model, normalize, neither.images[role]).numpy()[:, 0]
-                           for role in ("seen", "unseen") if len(neither.images[role])}
     calibration = calibrate(model, val_logits[0].numpy(), dataset.val.labels)
     val_logits = (val_logits[0] / calibration["temperature"], *val_logits[1:])
     final = logits_metrics(val_logits[0], dataset.val.labels)

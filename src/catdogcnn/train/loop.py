@@ -30,6 +30,7 @@ from catdogcnn.train.checkpoint import (
     TrainingInterrupted,
     append_metrics,
     check_writable,
+    clear_checkpoints,
     load_checkpoint,
     restart_metrics_log,
     resume_from,
@@ -81,6 +82,8 @@ def _set_up(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict
     rank, world = init_distributed()
     if rank == 0:
         check_writable(out_dir)
+        if checkpoint is None:
+            clear_checkpoints(out_dir)
     console = Console(stderr=True, soft_wrap=True, quiet=rank != 0)
     spec = get_spec(config.model)
     image_size = config.image_size or spec.image_size
@@ -122,7 +125,8 @@ def _set_up(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict
 
 
 def _train_epochs(run: Run, show_progress: bool, on_epoch: Callable[[dict], None] | None) -> None:
-    """Every epoch from where the run stands; Ctrl-C saves `last.pt` and raises TrainingInterrupted."""
+    """Every epoch from where the run stands; Ctrl-C saves the weights reached in `interrupted.pt` (`last.pt`
+    stays the last whole epoch) and raises TrainingInterrupted."""
     columns = [TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.4f} {task.fields[speed]:.0f} img/s"),
                TimeRemainingColumn()]
@@ -154,15 +158,14 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, show_progress: bool) 
     # The "neither" photos go round once an epoch too, an even share of them in every batch.
     n_neither = len(run.neither.images["train"]) if run.neither else 0
     neither_order = np.random.default_rng((config.seed, epoch)).permutation(n_neither)[run.rank::run.world]
-    neither_per_step = math.ceil(len(neither_order) / run.steps)
+    neither_batches = np.array_split(neither_order, run.steps)
     task = progress.add_task("", total=run.steps, epoch=f"{epoch + 1}/{config.epochs}", loss=0.0, acc=0.0, speed=0.0)
     started, seen, loss_sum, correct_sum = time.perf_counter(), 0, 0.0, 0
     heartbeat = started
     for step in range(run.steps):
         # sorted rows: sequential reads from the memory-mapped cache
         index = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
-        loss, correct = _train_step(run, index, np.sort(neither_order[step * neither_per_step:
-                                                                      (step + 1) * neither_per_step]))
+        loss, correct = _train_step(run, index, np.sort(neither_batches[step]))
         seen += len(index)
         loss_sum += float(loss.detach())
         correct_sum += int(correct)
