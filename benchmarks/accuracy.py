@@ -142,7 +142,7 @@ def bundle_row(name: str, path: Path, args: argparse.Namespace, groups: dict[str
 
 
 def shown(path: Path) -> str:
-    """A path as the table shows it: relative to the repository, never this machine's absolute path."""
+    """A path as the table shows it: relative to the repository, never an absolute path of the machine it runs on."""
     return os.path.relpath(path.resolve(), ROOT)
 
 

@@ -1,4 +1,4 @@
-"""Training throughput with 1 and 2 processes (DistributedDataParallel, gloo) on this machine, as a table.
+"""Training throughput with 1 and 2 processes (DistributedDataParallel, gloo) on the machine it runs on, as a table.
 
     python benchmarks/ddp.py --data ../shared/data/cats_vs_dogs [--epochs 3]
 

@@ -3,9 +3,9 @@
     python benchmarks/seed_cnn.py --data ../shared/data/cats_vs_dogs [--seeds 0 1 2] [--keras ../keras-venv/bin/python]
 
 With --keras, the seed's original Keras script (../shared/anchors/seed_keras.py) runs a few epochs in the
-same session, so the epoch-time ratio is measured side by side on the same machine and load. Then
+same run, so the epoch-time ratio is measured side by side on the same machine and load. Then
 --rounds alternating rounds (ours for --round-epochs epochs, then Keras for as many) give one ratio each:
-this machine's speed drifts by up to 20% over minutes, which a single pair of runs cannot tell from a
+a shared machine's speed drifts by up to 20% over minutes, which a single pair of runs cannot tell from a
 difference between the two; the median of alternated rounds can.
 """
 
@@ -123,7 +123,7 @@ def main() -> None:
     if args.keras:
         keras = keras_epoch_seconds(args.keras, args.data, args.keras_epochs)
         ours = statistics.median(r["epoch_s"] for r in rows)
-        print(f"Keras original, same machine, same session: {keras:.2f} s/epoch (median of {args.keras_epochs}); "
+        print(f"Keras original, same machine, same run: {keras:.2f} s/epoch (median of {args.keras_epochs}); "
               f"ours {ours:.2f} s/epoch: {keras / ours:.1f}x faster")
     if args.keras and args.rounds:
         print(f"\nAlternating rounds, {args.round_epochs} epochs each (medians of their epochs):\n")

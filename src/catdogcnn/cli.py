@@ -109,8 +109,9 @@ def predict(
     flush_every: Annotated[int, typer.Option(min=1, help="With --output: rows per write (what a kill can "
                                              "lose).")] = 1000,
     ray_address: Annotated[str | None, typer.Option("--ray", help="With --output: label on a Ray cluster: "
-                                                    "'local' (this machine), 'auto' (the cluster this machine "
-                                                    "is in) or an address, e.g. ray://HOST:10001.")] = None,
+                                                    "'local' (the machine it runs on), 'auto' (the cluster "
+                                                    "that machine is in) or an address, e.g. ray://HOST:10001."
+                                                    )] = None,
     ray_actors: Annotated[int | None, typer.Option(min=1, help="With --ray: model copies (default: one per "
                                                    "CPU of the cluster).")] = None,
 ) -> None:
@@ -288,7 +289,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in OUT from OUT/last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start afresh in an OUT that holds a run already; its files are "
                                             "replaced as the new run writes them.")] = False,
-    nproc: Annotated[int, typer.Option(min=1, help="Train in this many processes on this machine (torchrun "
+    nproc: Annotated[int, typer.Option(min=1, help="Train in this many processes on the machine it runs on (torchrun "
                                               "+ DistributedDataParallel; the effective batch is batch size x "
                                               "nproc).")] = 1,
     nnodes: Annotated[int, typer.Option(min=1, help="Machines training together: start the same command on "

@@ -74,7 +74,7 @@ def to_onnx(module: nn.Module, image_size: int, output_names: list[str]) -> byte
 
 
 def _without_source_locations(onnx_bytes: bytes) -> bytes:
-    """The graph without the exporter's notes on each node (Python stack traces naming this machine's files):
+    """The graph without the exporter's notes on each node (Python stack traces naming the exporting machine's files):
     they change nothing that runs, and a bundle names no path of the machine that made it."""
     import onnx
 

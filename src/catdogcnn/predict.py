@@ -120,8 +120,7 @@ class Classifier:
         self._pet_indices = [np.asarray(rule.get("pet_indices", []), np.int64) for rule in self.neither_rules]
         self._outputs_used = list(dict.fromkeys([OUTPUT_NAME, *self._rule_outputs]))
         self.can_explain = ACTIVATION_OUTPUT_NAME in self._outputs
-        # Pay for memory planning now, not on the first photo.
-        self._run(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
+        self.warm_up(1)
 
     def _rule_output(self, rule: dict) -> str:
         """The graph output a "neither" rule reads; BundleError when bundle.json's rule cannot be applied."""
@@ -147,6 +146,12 @@ class Classifier:
 
     def preprocess(self, photo: ImageSource) -> np.ndarray:
         return decode_image(photo, self.image_size, self.resize)
+
+    def warm_up(self, batch_size: int, explain: bool = False) -> None:
+        """Run one batch of `batch_size` blank photos: memory planning is paid now, not on the first real batch,
+        and onnxruntime's memory arena reaches at once the size that batch needs (a server warmed with its
+        largest batch keeps a flat memory from then on)."""
+        self._run(np.zeros((batch_size, self.image_size, self.image_size, 3), np.uint8), explain and self.can_explain)
 
     def _run(self, images: np.ndarray, explain: bool = False) -> list[np.ndarray]:
         """The graph's outputs in the order of `_outputs_used`, then the class activation maps if `explain`."""

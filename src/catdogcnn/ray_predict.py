@@ -1,7 +1,7 @@
 """Labelling over a Ray cluster: `catdogcnn predict PHOTOS --output FILE --ray ADDRESS`.
 
     import ray
-    ray.init("ray://head:10001")                      # or nothing: a local Ray on this machine's cores
+    ray.init("ray://head:10001")                      # or nothing: a local Ray on the machine's own cores
     label_with_ray(load_classifier(), ["/shared/photos"], "labels.parquet")
 
 The photo paths go through `ray.data` to a pool of actors, one per CPU by default; each actor loads the bundle
@@ -53,7 +53,7 @@ def label_with_ray(classifier: Classifier, photos: Iterable[str | os.PathLike], 
                    flush_every: int = FLUSH_EVERY, on_rows: Callable[[int], None] | None = None) -> LabelSummary:
     """Label photos into `output` on a Ray cluster with copies of `classifier` (its bundle, threshold, mirror
     averaging and "neither" rule): the cluster this process is connected to, else `ray.init(address)`'s
-    ("local" starts one here, "auto" finds this machine's, "ray://HOST:10001" a remote one). `actors`
+    ("local" starts one here, "auto" finds the one the machine belongs to, "ray://HOST:10001" a remote one). `actors`
     defaults to the cluster's CPUs."""
     with needs_extra("ray"):
         import pyarrow as pa

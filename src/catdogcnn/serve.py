@@ -191,7 +191,9 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
 
     async def classifier_ready() -> Classifier:
         if state["classifier"] is None:
-            state["classifier"] = await run_in_threadpool(load_classifier, bundle)
+            classifier = await run_in_threadpool(load_classifier, bundle)
+            await run_in_threadpool(classifier.warm_up, config.max_batch, True)  # the largest batch, with heat maps
+            state["classifier"] = classifier
         return state["classifier"]
 
     async def batcher() -> MicroBatcher:
