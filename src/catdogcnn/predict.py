@@ -148,9 +148,8 @@ class Classifier:
         return decode_image(photo, self.image_size, self.resize)
 
     def warm_up(self, batch_size: int, explain: bool = False) -> None:
-        """Run one batch of `batch_size` blank photos: memory planning is paid now, not on the first real batch,
-        and onnxruntime's memory arena reaches at once the size that batch needs (a server warmed with its
-        largest batch keeps a flat memory from then on)."""
+        """Run one batch of `batch_size` blank photos: memory planning is paid now, and onnxruntime's memory
+        arena reaches at once the size that batch needs, not during the first busy moments."""
         self._run(np.zeros((batch_size, self.image_size, self.image_size, 3), np.uint8), explain and self.can_explain)
 
     def _run(self, images: np.ndarray, explain: bool = False) -> list[np.ndarray]:
