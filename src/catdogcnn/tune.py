@@ -237,10 +237,10 @@ def tune(data_dir: Path, out_dir: Path, base: TrainConfig, trials: int, sampler:
 
 def _settle(study: optuna.Study, run_trials: Callable[[int], None], heartbeat_s: int, console: Console) -> None:
     """Before leaving, catch a trial whose worker died near the end: it falls silent within the grace period
-    (four beats), is failed, and its retry runs here. A trial still running after five beats has a live worker,
-    which finishes it; without this, a dead worker's trial would stay running for ever, never measured."""
+    (four beats), is failed, and its retry runs here. A trial still running after six beats (two of margin) has a
+    live worker, which finishes it; without this, a dead worker's trial would stay running for ever, unmeasured."""
     states = optuna.trial.TrialState
-    deadline = time.monotonic() + 5 * heartbeat_s
+    deadline = time.monotonic() + 6 * heartbeat_s
     try:
         while True:
             with warnings.catch_warnings():  # experimental in Optuna since 2.9, like the heartbeats above
