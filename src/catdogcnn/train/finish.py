@@ -23,7 +23,7 @@ from catdogcnn.train.calibrate import (
 )
 from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import TrainingData
-from catdogcnn.train.metrics import logits_metrics, predict_logits, predict_neither_logits
+from catdogcnn.train.metrics import logits_metrics, predict_logits
 from catdogcnn.train.openset import NeitherPhotos
 
 
@@ -43,15 +43,17 @@ def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tra
     image_size = config.image_size or spec.image_size
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     normalize = Normalize(spec.mean, spec.std)
-    if val_neither is None and getattr(model, "neither", None) is not None:  # learned by the full recipe
-        val_neither = predict_neither_logits(model, normalize, dataset.val.images)
-        neither_outputs = {role: predict_neither_logits(model, normalize, neither.images[role]).numpy()[:, 0]
-                           for role in ("seen", "unseen") if neither and len(neither.images[role])}
+    cpu = torch.device("cpu")
+    learned = val_neither is None and getattr(model, "neither", None) is not None  # by the full recipe
     with_neither = (hasattr(model, "forward_all") and is_cats_and_dogs(dataset.summary["classes"])
-                    and val_neither is None)
-    if val_logits is None:
-        val_logits = predict_logits(model, normalize, dataset.val.images, torch.device("cpu"),
-                                    with_imagenet=with_neither)
+                    and val_neither is None and not learned)
+    if val_logits is None:  # one pass over the validation photos for every output the rules need
+        logits, imagenet, learned_logits = predict_logits(model, normalize, dataset.val.images, cpu,
+                                                          with_imagenet=with_neither, with_neither=learned)
+        val_logits, val_neither = (logits, imagenet), learned_logits if learned else val_neither
+    if learned:
+        neither_outputs = {role: predict_logits(model, normalize, neither.images[role], cpu, with_neither=True)[2]
+                           .numpy()[:, 0] for role in ("seen", "unseen") if neither and len(neither.images[role])}
     calibration = calibrate(model, val_logits[0].numpy(), dataset.val.labels)
     val_logits = (val_logits[0] / calibration["temperature"], *val_logits[1:])
     final = logits_metrics(val_logits[0], dataset.val.labels)

@@ -165,7 +165,7 @@ def _train_epoch(run: Run, epoch: int, progress: Progress, show_progress: bool) 
     for step in range(run.steps):
         # sorted rows: sequential reads from the memory-mapped cache
         index = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
-        loss, correct = _train_step(run, index, np.sort(neither_batches[step]))
+        loss, correct = _train_step(run, index, neither_batches[step])
         seen += len(index)
         loss_sum += float(loss.detach())
         correct_sum += int(correct)

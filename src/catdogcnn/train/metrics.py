@@ -36,34 +36,31 @@ def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor, label_smoothing
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, normalize: nn.Module, images: np.ndarray, device: torch.device,
-                   batch_size: int = 64, with_imagenet: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (and ImageNet logits when asked) of `model` on decoded photos, in eval mode, on the CPU.
+                   batch_size: int = 64, with_imagenet: bool = False,
+                   with_neither: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(class logits, ImageNet logits or None, "neither" logits or None) of `model` on decoded photos, in eval
+    mode, on the CPU: the ImageNet logits of a pretrained model when asked, the "neither" logits of a model that
+    learned them (`with_neither`), in the same pass.
 
     Batches of 64: at 256 the seed CNN's first activation map (126 MB) is above glibc's 32 MB limit for reused
     memory, so every batch gets fresh pages from the kernel (600,000 page faults per validation pass, 2x slower).
     """
     model.eval()
-    logits, imagenet = [], []
+    logits, imagenet, neither = [], [], []
     for start in range(0, len(images), batch_size):
         x = normalize(to_batch(images, np.arange(start, min(start + batch_size, len(images))), device))
         x = x.contiguous(memory_format=torch.channels_last)
         if with_imagenet:
             out, extra, *_ = model.forward_all(x)
             imagenet.append(extra.float().cpu())
+        elif with_neither:
+            out, extra = model(x, with_neither=True)
+            neither.append(extra.float().cpu())
         else:
             out = model(x)
         logits.append(out.float().cpu())
-    return torch.cat(logits), (torch.cat(imagenet) if with_imagenet else None)
-
-
-@torch.no_grad()
-def predict_neither_logits(model: nn.Module, normalize: nn.Module, images: np.ndarray,
-                           batch_size: int = 64) -> torch.Tensor:
-    """The "neither" logits (N, 1) of an `OpenSet` model on decoded photos, in eval mode, on the CPU."""
-    model.eval()
-    return torch.cat([model(normalize(to_batch(images, np.arange(start, min(start + batch_size, len(images))),
-                                               torch.device("cpu"))), with_neither=True)[1].float()
-                      for start in range(0, len(images), batch_size)])
+    return (torch.cat(logits), torch.cat(imagenet) if with_imagenet else None,
+            torch.cat(neither) if with_neither else None)
 
 
 def logits_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
