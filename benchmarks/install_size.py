@@ -6,7 +6,8 @@ a markdown table.
 The wheel is built from the working tree (`pip wheel --no-deps`; it carries the shipped bundles of models/).
 Each row is a new `python -m venv` with the wheel installed from PyPI's (cached) packages: the core alone, then
 the core with each of `--extras`. `--before REV` adds the core of an older commit, built from `git archive REV`,
-to compare with. A venv's size is every file under it, pip and its own files included (about 20 MB bare).
+to compare with. A venv's size is every file under it, pip and its own files included (about 20 MB bare); one more
+row is the core in a venv made without pip, what the package itself runs with.
 """
 
 from __future__ import annotations
@@ -39,13 +40,17 @@ def build_wheel(source: Path, out: Path) -> Path:
     return next(out.glob("catdogcnn-*.whl"))
 
 
-def install_venv(folder: Path, requirement: str) -> Path:
-    """A fresh venv in `folder` with `requirement` installed; returns its bin folder. A failed install raises
-    CalledProcessError with pip's output."""
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True)
+def install_venv(folder: Path, requirement: str, with_pip: bool = True) -> Path:
+    """A fresh venv in `folder` with `requirement` installed; returns its bin folder. Without pip, the venv holds
+    only what the package runs with (as a container image would), and this Python's pip installs into it. A failed
+    install raises CalledProcessError with pip's output."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder), *([] if with_pip else ["--without-pip"])],
+                   check=True, capture_output=True)
     bin_dir = folder / "bin"
-    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    requirement], check=True, capture_output=True, text=True, env=VENV_ENV)
+    pip = [str(bin_dir / "python"), "-m", "pip"] if with_pip else [sys.executable, "-m", "pip", "--python",
+                                                                    str(bin_dir / "python")]
+    subprocess.run([*pip, "install", "--quiet", "--disable-pip-version-check", requirement], check=True,
+                   capture_output=True, text=True, env=VENV_ENV)
     return bin_dir
 
 
@@ -76,19 +81,21 @@ def main() -> None:
             archive = subprocess.run(["git", "archive", args.before], cwd=ROOT, check=True, capture_output=True)
             subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
             wheels[args.before] = build_wheel(source, tmp / "wheel-before")
-        rows = [(args.before, wheels[args.before], "")] if args.before else []
-        rows += [("now", wheels["now"], ""), *(("now", wheels["now"], f"[{extra}]") for extra in args.extras)]
+        rows = [(args.before, wheels[args.before], "", True)] if args.before else []
+        rows += [("now", wheels["now"], "", True), ("now", wheels["now"], "", False),
+                 *(("now", wheels["now"], f"[{extra}]", True) for extra in args.extras)]
 
         print(f"Targets: wheel <= {TARGET_MB['wheel']} MB, a venv with the core alone <= {TARGET_MB['core']} MB.\n")
         print("| code | install | wheel MB | venv MB | packages |")
         print("|---|---|---:|---:|---:|")
         venvs = {}
-        for i, (code, wheel, extra) in enumerate(rows):
-            bin_dir = venvs[code, extra] = install_venv(tmp / f"venv{i}", f"{wheel}{extra}")
-            print(f"| {code} | catdogcnn{extra or ' (core)'} | {megabytes(wheel.stat().st_size)} | "
+        for i, (code, wheel, extra, with_pip) in enumerate(rows):
+            bin_dir = venvs[code, extra, with_pip] = install_venv(tmp / f"venv{i}", f"{wheel}{extra}", with_pip)
+            install = f"catdogcnn{extra or ' (core)'}{'' if with_pip else ', venv without pip'}"
+            print(f"| {code} | {install} | {megabytes(wheel.stat().st_size)} | "
                   f"{megabytes(tree_size(bin_dir.parent))} | {installed_packages(bin_dir)} |", flush=True)
 
-        site_packages = next(venvs["now", ""].parent.glob("lib/python*/site-packages"))
+        site_packages = next(venvs["now", "", True].parent.glob("lib/python*/site-packages"))
         sizes = sorted(((tree_size(entry) if entry.is_dir() else entry.lstat().st_size, entry.name)
                         for entry in site_packages.iterdir()), reverse=True)
         print("\nThe largest parts of the core's venv (site-packages; catdogcnn holds the shipped bundles):\n")

@@ -106,6 +106,56 @@ def make_class_folder(root: Path, per_class: int, seed: int = 0, classes=("cats"
     return root
 
 
+KINDS = ("stripes", "checks", "grass", "sky", "bricks")
+
+
+def neither_photo(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """Photos of none of the classes: patterns that share nothing with the discs and squares of the classes."""
+    a = np.zeros((size, size, 3), np.uint8)
+    shade = int(rng.integers(0, 60))
+    if kind == "stripes":
+        a[:: int(rng.integers(3, 6))] = 255 - shade
+    elif kind == "checks":
+        a[(np.indices((size, size)).sum(0) // 8) % 2 == 0] = [shade, 200, shade]
+    elif kind == "grass":
+        a[:] = [30 + shade, 160, 40]
+    elif kind == "sky":
+        a[:] = [140, 190, 255 - shade]
+    else:
+        a[:] = [150, 60 + shade, 40]
+        a[::8] = 220
+    return Image.fromarray(np.clip(a.astype(int) + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8))
+
+
+def make_neither_folder(root: Path, per_kind: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        for i in range(per_kind):
+            neither_photo(kind, rng).save(root / f"{kind}_{i:04d}.jpg", quality=90)
+    return root
+
+
+# Each model learns "neither" its own way: the pretrained one by the finetune recipe, from-scratch ones by the
+# full recipe (the neither photos in every batch, a second head on the features the class head reads).
+RECIPES = {
+    "efficientnet_lite0": {"image_size": 64, "recipe": "finetune", "train_blocks": 1, "epochs": 3, "lr": 3e-3,
+                           "backbone_lr_scale": 0.1, "optimizer": "adamw"},
+    "seed_cnn": {"recipe": "full", "epochs": 10, "lr": 2e-3, "augment": "none"},
+    "resnet_small": {"recipe": "full", "epochs": 6, "lr": 3e-3, "optimizer": "adamw", "augment": "flip"},
+}
+
+
+def open_set_run(root: Path, classes: tuple[str, ...], model: str = "efficientnet_lite0") -> tuple[Path, Path]:
+    from catdogcnn.train import TrainConfig, train  # torch loads only for the tests that train
+
+    make_class_folder(root / "data", 60, seed=1, classes=classes)
+    neither = make_neither_folder(root / "neither", 12, seed=2)
+    config = TrainConfig(model=model, **RECIPES[model], batch_size=16, neither_photos=str(neither),
+                         neither_holdout_kinds=0.2, neither_pets_flagged=0.05, val_fraction=0.5, tta="off", threads=2)
+    return train(root / "data", root / "run", config, cache_dir=root / "cache", show_progress=False), neither
+
+
 @pytest.fixture
 def seed_layout(tmp_path) -> Path:
     """A tiny copy of the seed's layout with synthetic photos: training_set, test_set."""

@@ -69,10 +69,10 @@ def test_core_install_labels_photos_and_names_extras(repo_root, tmp_path, make_c
     answer, here = json.loads(labelled.stdout), load_classifier().predict(photo)
     assert answer["label"] == here.label and np.isclose(answer["confidence"], here.confidence, atol=1e-3)
 
-    api = run([bin_dir / "python", "-c", "import json, catdogcnn; "
-               "print(json.dumps(catdogcnn.load_classifier().classes))"])
+    api = run([bin_dir / "python", "-c", "import json, catdogcnn; from catdogcnn.bundle import shipped_bundle_names; "
+               "print(json.dumps([catdogcnn.load_classifier().classes, shipped_bundle_names()]))"])
     assert api.returncode == 0, api.stderr
-    assert json.loads(api.stdout) == load_classifier().classes
+    assert json.loads(api.stdout) == [load_classifier().classes, ["default"]]  # the wheel carries the default alone
     assert run([bin_dir / "catdogcnn", "--help"]).returncode == 0
 
     served = run([bin_dir / "catdogcnn", "serve"])

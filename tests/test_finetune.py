@@ -3,47 +3,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import make_class_folder
-from PIL import Image
+from conftest import RECIPES, make_class_folder, make_neither_folder, neither_photo, open_set_run
 
 from catdogcnn.bundle import NEITHER_OUTPUT_NAME, neither_rules, read_bundle_metadata
 from catdogcnn.calibration import neither_cut
 from catdogcnn.predict import NEITHER, Classifier
 from catdogcnn.train import TrainConfig, train
 from catdogcnn.train.openset import decode_neither, kind_of, split_by_kind
-
-KINDS = ("stripes", "checks", "grass", "sky", "bricks")
-
-
-def neither_photo(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """Photos of none of the classes: patterns that share nothing with the discs and squares of the classes."""
-    a = np.zeros((size, size, 3), np.uint8)
-    shade = int(rng.integers(0, 60))
-    if kind == "stripes":
-        a[:: int(rng.integers(3, 6))] = 255 - shade
-    elif kind == "checks":
-        a[(np.indices((size, size)).sum(0) // 8) % 2 == 0] = [shade, 200, shade]
-    elif kind == "grass":
-        a[:] = [30 + shade, 160, 40]
-    elif kind == "sky":
-        a[:] = [140, 190, 255 - shade]
-    else:
-        a[:] = [150, 60 + shade, 40]
-        a[::8] = 220
-    return Image.fromarray(np.clip(a.astype(int) + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8))
-
-
-def make_neither_folder(root: Path, per_kind: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for kind in KINDS:
-        for i in range(per_kind):
-            neither_photo(kind, rng).save(root / f"{kind}_{i:04d}.jpg", quality=90)
-    return root
 
 
 def test_split_by_kind_holds_out_whole_kinds_and_a_share_of_the_rest(tmp_path):
@@ -62,10 +30,12 @@ def test_kind_is_the_sub_folder_else_the_name_before_the_last_underscore(tmp_pat
     assert kind_of(tmp_path / "scenes" / "IMG_1.jpg", tmp_path) == "scenes"
 
 
-def test_the_cut_turns_away_the_asked_share_of_validation_photos():
-    scores = np.linspace(0, 1, 1001)
+def test_the_cut_keeps_the_share_of_class_photos_turned_away_within_the_target_with_95_percent_confidence():
+    scores = np.random.default_rng(0).permutation(np.linspace(0, 1, 5000))
     cut = neither_cut(scores, 0.01)
-    assert (scores > cut).mean() <= 0.01 and (scores >= cut).mean() > 0.01 - 1e-9
+    assert (scores > cut).sum() == 38  # 39 of 5,000 would leave the 95% upper bound above 1%
+    assert neither_cut(scores, 0.01, confidence=0.5) == np.sort(scores)[-50]  # the median bound: about 1% itself
+    assert neither_cut(scores[:100], 0.01) == scores[:100].max()  # too few photos to vouch for 1%: none flagged
 
 
 def test_neither_photos_are_no_sharper_than_the_training_photos(tmp_path):
@@ -77,24 +47,6 @@ def test_neither_photos_are_no_sharper_than_the_training_photos(tmp_path):
     # Through 32 px the 8-px checks blur away: far less detail than when resized straight to 128.
     assert np.abs(np.diff(presized[0].astype(int), axis=1)).mean() < 0.5 * np.abs(np.diff(direct[0].astype(int),
                                                                                           axis=1)).mean()
-
-
-# Each model learns "neither" its own way: the pretrained one by the finetune recipe, from-scratch ones by the
-# full recipe (the neither photos in every batch, a second head on the features the class head reads).
-RECIPES = {
-    "efficientnet_lite0": {"image_size": 64, "recipe": "finetune", "train_blocks": 1, "epochs": 3, "lr": 3e-3,
-                           "backbone_lr_scale": 0.1, "optimizer": "adamw"},
-    "seed_cnn": {"recipe": "full", "epochs": 10, "lr": 2e-3, "augment": "none"},
-    "resnet_small": {"recipe": "full", "epochs": 6, "lr": 3e-3, "optimizer": "adamw", "augment": "flip"},
-}
-
-
-def open_set_run(root: Path, classes: tuple[str, ...], model: str = "efficientnet_lite0") -> tuple[Path, Path]:
-    make_class_folder(root / "data", 60, seed=1, classes=classes)
-    neither = make_neither_folder(root / "neither", 12, seed=2)
-    config = TrainConfig(model=model, **RECIPES[model], batch_size=16, neither_photos=str(neither),
-                         neither_holdout_kinds=0.2, neither_pets_flagged=0.05, val_fraction=0.5, tta="off", threads=2)
-    return train(root / "data", root / "run", config, cache_dir=root / "cache", show_progress=False), neither
 
 
 @pytest.fixture(scope="module", params=list(RECIPES))

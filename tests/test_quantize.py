@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from conftest import make_neither_folder, open_set_run
 
 from catdogcnn.calibration import decide
 from catdogcnn.data import load_images, scan_folder
@@ -77,8 +78,6 @@ def test_quantized_bundle_keeps_its_heads_in_float(tiny_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_an_int8_copy_sets_its_own_neither_cut_and_still_answers_neither(tmp_path):
-    from test_finetune import make_neither_folder, open_set_run
-
     from catdogcnn.predict import NEITHER
     from catdogcnn.quantize import quantize
 

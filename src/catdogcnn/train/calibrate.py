@@ -76,8 +76,9 @@ def calibrate_neither(val_imagenet_logits: torch.Tensor, pet_false_alarm: float 
 
 def learned_neither_rule(val_logits: torch.Tensor, pets_flagged: float, photos: NeitherPhotos | None,
                          held_out_logits: dict[str, np.ndarray]) -> dict:
-    """The learned "neither" rule: the graph's "neither" probability above a cut, the cut chosen so that
-    `pets_flagged` of the validation photos (at most) are answered "neither"; with the share of held-out
+    """The learned "neither" rule: the graph's "neither" probability above a cut, the cut chosen on the
+    validation photos so that at most `pets_flagged` of class photos are answered "neither" (with 95% confidence,
+    `neither_cut`); with the share of held-out
     "neither" photos it catches (kinds trained on, kinds never seen)."""
     scores = torch.sigmoid(val_logits.float()).numpy()[:, 0]
     cut = neither_cut(scores, pets_flagged)

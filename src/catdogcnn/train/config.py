@@ -101,8 +101,9 @@ class TrainConfig:
     neither_photos: str | None = setting(None, "A folder of photos that show none of the classes, learned as the "
                                          "answer 'neither' (full and finetune recipes).")
     neither_weight: float = setting(1.0, "Weight of the 'neither' loss beside the class loss.", POSITIVE)
-    neither_pets_flagged: float = setting(0.01, "Share of the validation photos the 'neither' cut lets through as "
-                                          "'neither' (the cut is that quantile of their scores).", Range(0, 0.5))
+    neither_pets_flagged: float = setting(0.01, "Share of class photos the 'neither' cut may turn away, with 95% "
+                                          "confidence (set on the validation photos, whose own share is kept "
+                                          "lower by their number).", Range(0, 0.5))
     neither_holdout_kinds: float = setting(0.25, "Share of the neither photos' kinds (the file name before its last "
                                            "'_', or the sub-folder) kept out of training, to measure 'neither' on "
                                            "kinds never seen.", FRACTION)

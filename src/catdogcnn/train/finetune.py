@@ -196,9 +196,9 @@ def _outputs(model: nn.Module, first: int, activations: np.ndarray, batch_size: 
     """(class logits, ImageNet logits, "neither" logits or None) of cached activations, in eval mode."""
     model.eval()
     parts = []
-    for i in range(0, len(activations), batch_size):
+    for i in range(0, len(activations), batch_size):  # np.array copies: a cache read back is memory-mapped, read-only
         logits, imagenet, _, neither = model.outputs_from_map(
-            trained_map(model, first, torch.from_numpy(np.asarray(activations[i:i + batch_size])).float()))
+            trained_map(model, first, torch.from_numpy(np.array(activations[i:i + batch_size])).float()))
         parts.append((logits, imagenet, neither))
     return tuple(torch.cat(p) if p[0] is not None else None for p in zip(*parts, strict=True))
 
