@@ -85,7 +85,7 @@ scratch-model: install
 ## float graph stays in runs/default/bundle; the shipped one is its int8 copy (3x faster on a CPU, a quarter the size).
 model: install
 	$(BIN)/catdogcnn train $(DATA) --model efficientnet_lite2 --recipe finetune --neither-photos $(NEITHER) \
-		--train-blocks 3 --epochs 3 --batch-size 64 --optimizer adamw --lr 1e-3 --backbone-lr-scale 0.1 \
+		--image-size 280 --train-blocks 3 --epochs 3 --batch-size 64 --optimizer adamw --lr 1e-3 --backbone-lr-scale 0.1 \
 		--weight-decay 1e-4 --schedule cosine --warmup-epochs 0.3 --tta off --out runs/default --overwrite --seed 0
 	$(BIN)/catdogcnn quantize runs/default/bundle $(DATA) --out models/default
 
