@@ -69,7 +69,7 @@ def torch_equivalent(bundle: Path):
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if f"model.{name}" in weights:
-                tensor.copy_(torch.from_numpy(weights[f"model.{name}"]))
+                tensor.copy_(torch.tensor(weights[f"model.{name}"]))  # onnx gives read-only arrays
     torch.set_num_threads(os.cpu_count() or 1)
     return InferenceModel(model, spec.mean, spec.std).eval().to(memory_format=torch.channels_last)
 
