@@ -219,7 +219,7 @@ class Classifier:
 
     @property
     def batch_size(self) -> int:
-        """Photos per model call for folders: about 2 MB of input pixels (9 at 260 px, 162 at 64 px).
+        """Photos per model call for folders: about 2 MB of input pixels (8 at 280 px, 162 at 64 px).
 
         Larger batches gain little on a CPU, while the runtime's activation memory grows with them.
         """

@@ -78,8 +78,7 @@ def learned_neither_rule(val_logits: torch.Tensor, pets_flagged: float, photos: 
                          held_out_logits: dict[str, np.ndarray]) -> dict:
     """The learned "neither" rule: the graph's "neither" probability above a cut, the cut chosen on the
     validation photos so that at most `pets_flagged` of class photos are answered "neither" (with 95% confidence,
-    `neither_cut`); with the share of held-out
-    "neither" photos it catches (kinds trained on, kinds never seen)."""
+    `neither_cut`); with the share of held-out "neither" photos it catches (kinds trained on, kinds never seen)."""
     scores = torch.sigmoid(val_logits.float()).numpy()[:, 0]
     cut = neither_cut(scores, pets_flagged)
     caught = {role: float((1 / (1 + np.exp(-logits)) > cut).mean()) for role, logits in held_out_logits.items()}
