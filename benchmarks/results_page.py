@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import io
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -42,10 +43,22 @@ def git_commit() -> str:
     return commit + (" with uncommitted changes" if changed else "")
 
 
+def processor() -> str:
+    """The processor's model name as Linux reports it, and whether it has the VNNI instructions int8 graphs run on
+    (`platform.processor()` is often empty on Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    vnni = " with AVX-512 VNNI" if re.search(r"\bavx512_vnni\b", info) else ""
+    return (name.group(1).strip() if name else platform.machine()) + vnni
+
+
 def stamp() -> str:
-    """Date, commit, cores and load, and the command line, as a section's first lines."""
-    return (f"{datetime.date.today().isoformat()}, commit {git_commit()}, {os.cpu_count()} cores, load average "
-            f"{os.getloadavg()[0]:.1f} at the end.\n\n    {shlex.join(['python', *sys.argv])}\n")
+    """Date, commit, processor, cores and load, and the command line, as a section's first lines."""
+    return (f"{datetime.date.today().isoformat()}, commit {git_commit()}, {processor()}, {os.cpu_count()} cores, "
+            f"load average {os.getloadavg()[0]:.1f} at the end.\n\n    {shlex.join(['python', *sys.argv])}\n")
 
 
 def write_section(path: Path, name: str, text: str) -> None:

@@ -69,8 +69,6 @@ def trained_map(model: nn.Module, first_trained: int, x: torch.Tensor) -> torch.
 def cached_activations(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str,
                        cache_dir: Path | None, batch_size: int = 32) -> np.ndarray:
     """The frozen prefix's output (fp16) for decoded photos, from the disk cache when computed before."""
-
-
     digest = hashlib.sha256(np.ascontiguousarray(images[:: max(1, len(images) // 64)]).tobytes())
     weights = next(iter(prefix.backbone._conv_stem.parameters())).detach().numpy().tobytes()  # which backbone
     digest.update(weights + f"{len(images)}|{image_size}|{prefix.first_trained}|{name}".encode())
