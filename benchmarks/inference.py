@@ -111,7 +111,7 @@ def main() -> None:
 
         def eager_one(path: Path) -> None:
             with torch.inference_mode():
-                eager(torch.from_numpy(decode_image(path, size)[None]))
+                eager(torch.tensor(decode_image(path, size)[None]))  # a copy: decoded arrays may be read-only
 
         def eager_all(paths: list[Path], batch: int = 64) -> int:
             done, pending = 0, []
