@@ -1,5 +1,5 @@
 """Labelling on a local Ray cluster of 2 CPUs gives the single process's labels, into a resumable file; the
-command line joins that cluster by its address (one cluster for the module: starting one takes ~20 s)."""
+command line joins that cluster by its address (one cluster for the module: a start costs about 8 s on 2 cores)."""
 
 from __future__ import annotations
 
