@@ -1,16 +1,19 @@
-"""The learned "neither": the photo split by kind, the cut, and tiny models trained on images the test makes
-(pretrained and from scratch, two classes and three), their bundles answering "neither" through the Classifier."""
+"""The finetune recipe's cached views (the photo, its mirror image, augmented copies) and the learned "neither":
+the photo split by kind, the cut, and tiny models trained on images the test makes (pretrained and from scratch,
+two classes and three), their bundles answering "neither" through the Classifier."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RECIPES, make_class_folder, make_neither_folder, neither_photo, open_set_run
+from conftest import RECIPES, make_class_folder, make_neither_folder, neither_photo, open_set_run, synthetic_photo
 
+from catdogcnn.augment import parse_augment
 from catdogcnn.bundle import NEITHER_OUTPUT_NAME, neither_rules, read_bundle_metadata
 from catdogcnn.calibration import neither_cut
 from catdogcnn.predict import NEITHER, Classifier
 from catdogcnn.train import TrainConfig, train
+from catdogcnn.train.finetune import augmented_copy
 from catdogcnn.train.openset import decode_neither, kind_of, split_by_kind
 
 
@@ -99,6 +102,40 @@ def test_three_classes_with_neither(tmp_path, model):
 def test_mirror_averaging_is_refused_beside_a_learned_neither():
     with pytest.raises(ValueError, match="tta on cannot go with neither_photos"):
         TrainConfig(recipe="finetune", model="efficientnet_lite0", neither_photos="photos", tta="on").validate()
+
+
+def test_augment_views_are_for_the_finetune_recipe():
+    with pytest.raises(ValueError, match="augment_views is for the finetune recipe"):
+        TrainConfig(model="seed_cnn", augment_views=2).validate()
+
+
+def _photos(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(synthetic_photo(i % 2, rng)) for i in range(n)])
+
+
+def test_an_augmented_copy_is_drawn_by_its_seed_and_keeps_the_photos_shape():
+    photos, crop = _photos(6), parse_augment("crop")
+    first, again, other = (augmented_copy(photos, crop, seed) for seed in (0, 0, 1))
+    assert first.shape == photos.shape and first.dtype == np.uint8
+    assert np.array_equal(first, again) and not np.array_equal(first, other) and not np.array_equal(first, photos)
+    assert np.array_equal(augmented_copy(photos, parse_augment("none"), 0), photos)  # no augmentation: exact
+
+
+def test_the_cache_holds_the_photo_its_mirror_image_and_each_augmented_copy(tmp_path):
+    from catdogcnn.models import build_model, get_spec
+    from catdogcnn.train.finetune import FrozenPrefix, cached_activations, views_of
+
+    spec, photos, crop = get_spec("efficientnet_lite0"), _photos(8), parse_augment("crop")
+    model = build_model("efficientnet_lite0", 2, 64)
+    prefix = FrozenPrefix(model, len(model.backbone._blocks) - 1, spec.mean, spec.std)
+    views = views_of(prefix, 64, photos, "pets", tmp_path, crop, 2)
+    assert views.shape[:2] == (4, 8) and len(list(tmp_path.glob("activations-*.npy"))) == 4
+    mirrored = cached_activations(prefix, 64, np.ascontiguousarray(photos[:, :, ::-1]), "check", None)
+    assert np.array_equal(views[1], mirrored)
+    assert not np.allclose(views[2], views[0]) and not np.allclose(views[2], views[3])
+    assert np.array_equal(views_of(prefix, 64, photos, "pets", tmp_path, crop, 2), views)  # read back
+    assert len(list(tmp_path.glob("activations-*.npy"))) == 4
 
 
 @pytest.mark.slow

@@ -98,6 +98,9 @@ class TrainConfig:
                              "the cached output of the frozen ones).")
     train_blocks: int = setting(3, "finetune: backbone blocks trained, counted from the last; the earlier ones are "
                                 "frozen and run once per photo.", AT_LEAST_1)
+    augment_views: int = setting(0, "finetune: augmented copies of each photo cached beside the photo and its "
+                                 "mirror image, drawn with --augment (e.g. crop); each epoch sees one view of a "
+                                 "photo at random.", NOT_NEGATIVE)
     neither_photos: str | None = setting(None, "A folder of photos that show none of the classes, learned as the "
                                          "answer 'neither' (full and finetune recipes).")
     neither_weight: float = setting(1.0, "Weight of the 'neither' loss beside the class loss.", POSITIVE)
@@ -147,6 +150,8 @@ class TrainConfig:
 
         get_spec(self.model)
         parse_augment(self.augment)
+        if self.augment_views and self.recipe != "finetune":
+            raise UserError(f"augment_views is for the finetune recipe (its cached photos), not {self.recipe}")
         if self.neither_photos and self.tta == "on":
             raise UserError("tta on cannot go with neither_photos: the learned neither cut is fitted on single views")
 

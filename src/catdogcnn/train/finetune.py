@@ -1,6 +1,7 @@
 """The fine-tuning recipe a 2-core CPU can run: a pretrained backbone's early blocks stay frozen and run once per
-photo (and its mirror image), in onnxruntime, their output cached on disk; the last `train_blocks` blocks, the
-class head and, with `neither_photos`, a second head for "none of the classes" train on that cache.
+photo, its mirror image and (with `augment_views`) augmented copies, in onnxruntime, their output cached on disk;
+the last `train_blocks` blocks, the class head and, with `neither_photos`, a second head for "none of the
+classes" train on that cache.
 
 Training the whole network on a CPU costs about 15 photos a second; the frozen part here is 85% of the work,
 done once, so an epoch of the rest runs at about 120 photos a second.
@@ -23,6 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from catdogcnn import data as D
+from catdogcnn.augment import AugmentConfig, augment_batch, parse_augment
 from catdogcnn.bundle import atomic_write
 from catdogcnn.errors import UserError
 from catdogcnn.models import Normalize, build_model, get_spec
@@ -110,8 +112,10 @@ def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoin
         raise UserError(f"train_blocks must be at most {len(model.backbone._blocks)} for {config.model}")
     prefix = FrozenPrefix(model, first, spec.mean, spec.std)
     feature_cache = None if cache_dir is False else Path(cache_dir or D.default_cache_dir())
-    train_x = _views(prefix, image_size, dataset.train.images, "pets", feature_cache)
-    neither_x = _views(prefix, image_size, neither.images["train"], "neither", feature_cache) if neither else None
+    augment = parse_augment(config.augment)
+    train_x = views_of(prefix, image_size, dataset.train.images, "pets", feature_cache, augment, config.augment_views)
+    neither_x = views_of(prefix, image_size, neither.images["train"], "neither", feature_cache, augment,
+                       config.augment_views) if neither else None
     val_x = cached_activations(prefix, image_size, dataset.val.images, "val", feature_cache)
     console.print(f"data: {len(dataset.train)} training, {len(dataset.val)} validation photos"
                   + (f", {len(neither.images['train'])} 'neither' photos" if neither else "")
@@ -124,16 +128,35 @@ def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoin
                   neither_outputs=_neither_outputs(model, first, prefix, image_size, neither, feature_cache))
 
 
-def _views(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str, cache: Path | None) -> np.ndarray:
-    """(2, N, ...) activations of the photos and of their mirror images."""
-    return np.stack([cached_activations(prefix, image_size, images, name, cache),
-                     cached_activations(prefix, image_size, images[:, :, ::-1], f"{name}-mirrored", cache)])
+def views_of(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str, cache: Path | None,
+           augment: AugmentConfig | None = None, augmented_views: int = 0) -> np.ndarray:
+    """(2 + augmented_views, N, ...) activations of the photos, of their mirror images and of copies augmented
+    with `augment`. View k's draws come from seed k alone, so its cache serves every training seed."""
+    views = [cached_activations(prefix, image_size, images, name, cache),
+             cached_activations(prefix, image_size, images[:, :, ::-1], f"{name}-mirrored", cache)]
+    for view in range(augmented_views):
+        views.append(cached_activations(prefix, image_size, augmented_copy(images, augment, view),
+                                        f"{name}-augmented-{view}", cache))
+    return np.stack(views)
+
+
+def augmented_copy(images: np.ndarray, augment: AugmentConfig, seed: int, batch_size: int = 256) -> np.ndarray:
+    """uint8 photos (N, H, W, 3) augmented once each by `augment_batch`, its draws fixed by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    out = np.empty(images.shape, np.uint8)
+    for i in range(0, len(images), batch_size):
+        # np.array copies: decoded photos read back from the cache are memory-mapped, read-only
+        batch = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        warped = augment_batch(batch, augment, generator).mul(255).round_().clamp_(0, 255)
+        out[i:i + batch_size] = warped.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np.ndarray, labels: np.ndarray,
                   neither_x: np.ndarray | None, out_dir: Path, checkpoint: dict | None, console: Console) -> None:
-    """Epochs over the class photos and the "neither" photos together, each seen as itself or its mirror image
-    at random. BatchNorm keeps its ImageNet statistics (batches of 64 would estimate them worse)."""
+    """Epochs over the class photos and the "neither" photos together, each seen as one of its cached views at
+    random (itself, its mirror image, its augmented copies). BatchNorm keeps its ImageNet statistics (batches of
+    64 would estimate them worse)."""
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith("backbone.") or name.startswith(
             ("backbone._conv_head", "backbone._bn1")) or (name.startswith("backbone._blocks.")
@@ -157,15 +180,17 @@ def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np
             if isinstance(module, nn.BatchNorm2d):
                 module.eval()
         rng = np.random.default_rng(config.seed * 100_003 + epoch)  # an epoch's draws depend on (seed, epoch) alone
-        order, mirrored = rng.permutation(n_pets + n_neither), rng.random(n_pets + n_neither) < 0.5
+        order = rng.permutation(n_pets + n_neither)
+        # One view of each photo at random; with two views, a draw below 0.5 is the mirror image, as it always was.
+        view = len(train_x) - 1 - (rng.random(n_pets + n_neither) * len(train_x)).astype(int)
         began, total = time.perf_counter(), 0.0
         for step in range(steps):
             rows = order[step * config.batch_size:(step + 1) * config.batch_size]
             is_neither = rows >= n_pets
             x = np.empty((len(rows), *train_x.shape[2:]), train_x.dtype)
-            x[~is_neither] = train_x[mirrored[rows[~is_neither]].astype(int), rows[~is_neither]]
+            x[~is_neither] = train_x[view[rows[~is_neither]], rows[~is_neither]]
             if n_neither:
-                x[is_neither] = neither_x[mirrored[rows[is_neither]].astype(int), rows[is_neither] - n_pets]
+                x[is_neither] = neither_x[view[rows[is_neither]], rows[is_neither] - n_pets]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 features = model.dropout(trained_map(model, first, torch.from_numpy(x).float()).mean((2, 3)))
                 logits = model.head(features)
