@@ -44,7 +44,7 @@ from catdogcnn.train.openset import split_by_kind
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from inference import time_folder, time_single  # noqa: E402  (a sibling script, not a package)
-from results_page import add_write_option, git_commit, write_section  # noqa: E402
+from results_page import add_write_option, git_commit, processor, write_section  # noqa: E402
 
 GROUPS = ("hard", "other", "scene")  # not_pets/manifest.csv's groups
 LATENCY_CALLS = 50
@@ -156,8 +156,9 @@ def markdown(rows: list[list[str]], notes: list[str], args: argparse.Namespace) 
     lines = [
         "### Accuracy, \"neither\" and speed of each bundle (`benchmarks/accuracy.py`)",
         "",
-        f"{datetime.date.today().isoformat()}, commit {git_commit()}, {os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.1f} at the end; pets: {shown(args.data)}, not pets: {shown(args.not_pets)}{limit}.",
+        f"{datetime.date.today().isoformat()}, commit {git_commit()}, {processor()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the end; pets: {shown(args.data)}, "
+        f"not pets: {shown(args.not_pets)}{limit}.",
         "",
         f"    {shlex.join(['python', *sys.argv])}",
         "",
