@@ -13,7 +13,7 @@ from catdogcnn.bundle import NEITHER_OUTPUT_NAME, neither_rules, read_bundle_met
 from catdogcnn.calibration import neither_cut
 from catdogcnn.predict import NEITHER, Classifier
 from catdogcnn.train import TrainConfig, train
-from catdogcnn.train.finetune import augmented_copy
+from catdogcnn.train.finetune import augmented_copy, random_views
 from catdogcnn.train.openset import decode_neither, kind_of, split_by_kind
 
 
@@ -109,6 +109,23 @@ def test_augment_views_are_for_the_finetune_recipe():
         TrainConfig(model="seed_cnn", augment_views=2).validate()
 
 
+@pytest.mark.parametrize(("augment", "reason"), [("none", "copies of the photo or its mirror image"),
+                                                  ("flip", "copies of the photo or its mirror image"),
+                                                  ("crop,mixup=0.2", "blends two photos")])
+def test_augment_views_need_an_augmentation_a_cached_copy_can_hold(augment, reason):
+    with pytest.raises(ValueError, match=reason):
+        TrainConfig(recipe="finetune", model="efficientnet_lite0", augment=augment, augment_views=2).validate()
+    TrainConfig(recipe="finetune", model="efficientnet_lite0", augment=augment).validate()  # without views: fine
+
+
+def test_each_epoch_sees_every_view_and_two_views_draw_as_the_mirror_rule_did():
+    draws = random_views(np.random.default_rng(3), 6000, 6)
+    assert draws.min() == 0 and draws.max() == 5
+    assert np.all(np.abs(np.bincount(draws) / 6000 - 1 / 6) < 0.03)
+    mirrored = np.random.default_rng(3).random(6000) < 0.5
+    assert np.array_equal(random_views(np.random.default_rng(3), 6000, 2), mirrored.astype(int))
+
+
 def _photos(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.stack([np.asarray(synthetic_photo(i % 2, rng)) for i in range(n)])
@@ -172,3 +189,20 @@ def test_the_full_recipe_teaches_neither_to_a_pretrained_model_too(tmp_path):
     metadata = read_bundle_metadata(bundle)
     assert [rule["kind"] for rule in neither_rules(metadata)] == ["learned"]  # not the ImageNet rule
     assert NEITHER_OUTPUT_NAME in metadata["graph"]["outputs"]
+
+
+@pytest.mark.slow
+def test_a_finetune_run_trains_on_augmented_views_of_pets_and_neither_photos(tmp_path):
+    make_class_folder(tmp_path / "data", 30, seed=1)
+    neither = make_neither_folder(tmp_path / "neither", 8, seed=2)
+    config = TrainConfig(model="efficientnet_lite0", recipe="finetune", image_size=64, train_blocks=1, epochs=2,
+                         batch_size=16, optimizer="adamw", augment="crop", augment_views=1,
+                         neither_photos=str(neither), val_fraction=0.2, tta="off", threads=2)
+    bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
+    cached = list((tmp_path / "cache").glob("activations-*.npy"))
+    metadata = read_bundle_metadata(bundle)
+    # the 7 activation files a run without augmented views caches, and
+    # one augmented copy of the training pets and one of the training "neither" photos
+    assert len(cached) == 9
+    assert metadata["training"]["config"]["augment_views"] == 1
+    assert [rule["kind"] for rule in neither_rules(metadata)] == ["learned"]

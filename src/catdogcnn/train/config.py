@@ -9,7 +9,7 @@ No torch here: the command line reads this module to build its flags.
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from typing import Any, Literal
 
@@ -149,9 +149,16 @@ class TrainConfig:
         from catdogcnn.models import get_spec
 
         get_spec(self.model)
-        parse_augment(self.augment)
+        augment = parse_augment(self.augment)
         if self.augment_views and self.recipe != "finetune":
             raise UserError(f"augment_views is for the finetune recipe (its cached photos), not {self.recipe}")
+        if self.augment_views and replace(augment, hflip=False).is_identity:
+            raise UserError(f"augment_views with augment {self.augment!r} would cache copies of the photo or its "
+                            "mirror image, which are cached already: choose an augmentation that crops or warps "
+                            "(e.g. crop)")
+        if self.augment_views and augment.mixes:
+            raise UserError(f"augment_views caches each photo augmented on its own: augment {self.augment!r} "
+                            "blends two photos (mixup, cutmix), which a cached copy cannot hold")
         if self.neither_photos and self.tta == "on":
             raise UserError("tta on cannot go with neither_photos: the learned neither cut is fitted on single views")
 

@@ -132,6 +132,8 @@ def views_of(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: st
            augment: AugmentConfig | None = None, augmented_views: int = 0) -> np.ndarray:
     """(2 + augmented_views, N, ...) activations of the photos, of their mirror images and of copies augmented
     with `augment`. View k's draws come from seed k alone, so its cache serves every training seed."""
+    if augmented_views and augment is None:
+        raise ValueError("augmented views need an augmentation")
     views = [cached_activations(prefix, image_size, images, name, cache),
              cached_activations(prefix, image_size, images[:, :, ::-1], f"{name}-mirrored", cache)]
     for view in range(augmented_views):
@@ -150,6 +152,12 @@ def augmented_copy(images: np.ndarray, augment: AugmentConfig, seed: int, batch_
         warped = augment_batch(batch, augment, generator).mul(255).round_().clamp_(0, 255)
         out[i:i + batch_size] = warped.to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
+
+
+def random_views(rng: np.random.Generator, photos: int, views: int) -> np.ndarray:
+    """Which cached view each photo is seen as this epoch, uniformly at random; with two views a draw below 0.5
+    is the mirror image (view 1), the draws the recipe made before it had augmented views."""
+    return views - 1 - (rng.random(photos) * views).astype(int)
 
 
 def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np.ndarray, labels: np.ndarray,
@@ -181,8 +189,7 @@ def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np
                 module.eval()
         rng = np.random.default_rng(config.seed * 100_003 + epoch)  # an epoch's draws depend on (seed, epoch) alone
         order = rng.permutation(n_pets + n_neither)
-        # One view of each photo at random; with two views, a draw below 0.5 is the mirror image, as it always was.
-        view = len(train_x) - 1 - (rng.random(n_pets + n_neither) * len(train_x)).astype(int)
+        view = random_views(rng, n_pets + n_neither, len(train_x))
         began, total = time.perf_counter(), 0.0
         for step in range(steps):
             rows = order[step * config.batch_size:(step + 1) * config.batch_size]
