@@ -129,7 +129,7 @@ def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoin
 
 
 def views_of(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str, cache: Path | None,
-           augment: AugmentConfig | None = None, augmented_views: int = 0) -> np.ndarray:
+             augment: AugmentConfig | None = None, augmented_views: int = 0) -> np.ndarray:
     """(2 + augmented_views, N, ...) activations of the photos, of their mirror images and of copies augmented
     with `augment`. View k's draws come from seed k alone, so its cache serves every training seed."""
     if augmented_views and augment is None:
