@@ -201,8 +201,8 @@ def test_a_finetune_run_trains_on_augmented_views_of_pets_and_neither_photos(tmp
     bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
     cached = list((tmp_path / "cache").glob("activations-*.npy"))
     metadata = read_bundle_metadata(bundle)
-    # the 7 activation files a run without augmented views caches, and
-    # one augmented copy of the training pets and one of the training "neither" photos
+    # the 7 activation files a run without augmented views caches, and one augmented copy of the training pets
+    # and one of the training "neither" photos
     assert len(cached) == 9
     assert metadata["training"]["config"]["augment_views"] == 1
     assert [rule["kind"] for rule in neither_rules(metadata)] == ["learned"]

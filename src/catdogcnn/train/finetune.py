@@ -33,7 +33,7 @@ from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import prepare_data
 from catdogcnn.train.device import use_bf16
 from catdogcnn.train.finish import finish
-from catdogcnn.train.metrics import loss_and_correct
+from catdogcnn.train.metrics import loss_and_correct, to_batch
 from catdogcnn.train.openset import NeitherPhotos, neither_for
 from catdogcnn.train.optim import lr_factor, make_optimizer
 
@@ -147,8 +147,7 @@ def augmented_copy(images: np.ndarray, augment: AugmentConfig, seed: int, batch_
     generator = torch.Generator().manual_seed(seed)
     out = np.empty(images.shape, np.uint8)
     for i in range(0, len(images), batch_size):
-        # np.array copies: decoded photos read back from the cache are memory-mapped, read-only
-        batch = torch.from_numpy(np.array(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 255
+        batch = to_batch(images, np.arange(i, min(i + batch_size, len(images))), torch.device("cpu"))
         warped = augment_batch(batch, augment, generator).mul(255).round_().clamp_(0, 255)
         out[i:i + batch_size] = warped.to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
