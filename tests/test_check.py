@@ -1,4 +1,4 @@
-"""`data check`: bad files, exact duplicates by kind (leakage, label conflicts), near-duplicates."""
+"""`data check`: bad files, blank photos, exact duplicates by kind (leakage, label conflicts), near-duplicates."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def test_check_finds_duplicates_leakage_and_conflicts(tmp_path, seed_layout, syn
     synthetic_photo(0, np.random.default_rng(9), 64).save(train / "cats" / "near_a.png")
     Image.open(train / "cats" / "near_a.png").resize((80, 80)).save(train / "cats" / "near_b.png")
     write_bad_files(train / "dogs")
+    Image.new("RGB", (50, 40), (250, 250, 250)).save(train / "dogs" / "blank.jpg")
     report = check_dataset(seed_layout, cache_dir=tmp_path / "cache")
+    assert report.blank == [str(train / "dogs" / "blank.jpg")] and report.to_dict()["blank_photos"] == report.blank
     kinds = sorted(p.kind for p in report.exact_duplicates)
     assert kinds == ["across classes (label conflict)", "across splits (leakage)", "within split"]
     assert any({Path(p.a).name, Path(p.b).name} == {"near_a.png", "near_b.png"} for p in report.near_duplicates)

@@ -9,7 +9,7 @@ import pytest
 from conftest import RECIPES, make_class_folder, make_neither_folder, neither_photo, open_set_run, synthetic_photo
 
 from catdogcnn.augment import parse_augment
-from catdogcnn.bundle import NEITHER_OUTPUT_NAME, neither_rules, read_bundle_metadata
+from catdogcnn.bundle import BLANK_RULE, NEITHER_OUTPUT_NAME, neither_rules, read_bundle_metadata
 from catdogcnn.calibration import neither_cut
 from catdogcnn.predict import NEITHER, Classifier
 from catdogcnn.train import TrainConfig, train
@@ -61,7 +61,8 @@ def two_classes(request, tmp_path_factory):
 def test_the_bundle_carries_a_learned_rule_cut_on_validation_photos(two_classes):
     bundle, _ = two_classes
     metadata = read_bundle_metadata(bundle)
-    (rule,) = neither_rules(metadata)
+    blank, rule = neither_rules(metadata)
+    assert blank == BLANK_RULE  # a blank photo first, whatever the model has learned
     assert rule["kind"] == "learned" and rule["output"] == NEITHER_OUTPUT_NAME
     assert NEITHER_OUTPUT_NAME in metadata["graph"]["outputs"]
     entry = metadata["neither"]
@@ -94,7 +95,7 @@ def test_three_classes_with_neither(tmp_path, model):
     bundle, _ = open_set_run(tmp_path, ("birds", "cats", "dogs"), model)
     classifier = Classifier(bundle)
     assert classifier.classes == ["birds", "cats", "dogs"]
-    assert neither_rules(read_bundle_metadata(bundle))[0]["kind"] == "learned"
+    assert [rule["kind"] for rule in neither_rules(read_bundle_metadata(bundle))] == ["blank", "learned"]
     answers = [p.label for p in classifier.predict_many([make_neither_folder(tmp_path / "fresh", 4, seed=5)])]
     assert answers.count(NEITHER) >= 0.8 * len(answers), answers
 
@@ -175,7 +176,7 @@ def test_an_open_set_run_resumes_to_the_weights_of_a_straight_one(tmp_path):
         assert a[part].keys() == b[part].keys() and any("neither" in k for k in a[part])
         for name in a[part]:
             assert torch.allclose(a[part][name].float(), b[part][name].float(), atol=1e-6), (part, name)
-    assert neither_rules(read_bundle_metadata(bundle))[0]["kind"] == "learned"
+    assert [rule["kind"] for rule in neither_rules(read_bundle_metadata(bundle))] == ["blank", "learned"]
 
 
 @pytest.mark.slow
@@ -187,7 +188,7 @@ def test_the_full_recipe_teaches_neither_to_a_pretrained_model_too(tmp_path):
                          threads=2)
     bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
     metadata = read_bundle_metadata(bundle)
-    assert [rule["kind"] for rule in neither_rules(metadata)] == ["learned"]  # not the ImageNet rule
+    assert [rule["kind"] for rule in neither_rules(metadata)] == ["blank", "learned"]  # not the ImageNet rule
     assert NEITHER_OUTPUT_NAME in metadata["graph"]["outputs"]
 
 
@@ -205,4 +206,4 @@ def test_a_finetune_run_trains_on_augmented_views_of_pets_and_neither_photos(tmp
     # and one of the training "neither" photos
     assert len(cached) == 9
     assert metadata["training"]["config"]["augment_views"] == 1
-    assert [rule["kind"] for rule in neither_rules(metadata)] == ["learned"]
+    assert [rule["kind"] for rule in neither_rules(metadata)] == ["blank", "learned"]

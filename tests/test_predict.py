@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from catdogcnn import BadImageError, BundleError, Classifier, load_classifier
-from catdogcnn.bundle import IMAGENET_OUTPUT_NAME, NEITHER_OUTPUT_NAME, default_bundle_path
+from catdogcnn.bundle import BLANK_RULE, IMAGENET_OUTPUT_NAME, NEITHER_OUTPUT_NAME, default_bundle_path
 
 
 def test_predict_one_photo(tiny_bundle, tmp_path, synthetic_photo):
@@ -193,8 +193,26 @@ def test_mirror_averaging_averages_the_neither_score(neither_bundle):
     assert plain.predict(half_dark).label == "neither" and mirrored.predict(half_dark).label != "neither"
 
 
+def test_a_blank_photo_is_answered_neither_before_any_model_rule(neither_bundle):
+    clf = Classifier(neither_bundle("blank_first", {"rules": [BLANK_RULE, LEARNED]}))
+    clf.session = RecordingSession(clf.session)
+    assert clf.neither_cuts == [{"kind": "blank", "cut": 4.0}, {"kind": "learned", "cut": 0.7}]
+    grey = clf.predict(halves((40, 120, 10)))  # one flat colour: the model alone would say "dogs"
+    assert (grey.label, grey.confidence) == ("neither", 1.0)
+    assert grey.reason == "none of cats, dogs: the photo is blank (one flat colour)"
+    assert grey.probabilities["dogs"] == pytest.approx(0.75, abs=1e-3)
+    assert clf.session.calls[-1] == ["probabilities", NEITHER_OUTPUT_NAME]  # the rule reads the photo, no output
+    # 5 levels of spread in one channel is not blank: the model decides
+    assert clf.predict(halves((40, 120, 10), (40, 120, 20))).label == "dogs"
+    bright = clf.predict(halves((235, 235, 235), (250, 250, 250)))
+    assert bright.label == "neither" and "score 0.922 is above its cut 0.7" in bright.reason
+    assert Classifier(neither_bundle("blank_first", {"rules": [BLANK_RULE, LEARNED]}),
+                      neither=False).predict(halves((40, 120, 10))).label == "dogs"
+
+
 @pytest.mark.parametrize("rule, words", [({"kind": "magic", "max": 0.5}, "of unknown kind 'magic'"),
                                          ({"kind": "learned"}, "'learned' lacks its cut"),
+                                         ({"kind": "blank"}, "'blank' lacks its cut"),
                                          ({**LEARNED, "output": "nowhere"}, "reads 'nowhere', which the graph")])
 def test_a_rule_that_cannot_be_applied_is_a_one_line_error(neither_bundle, rule, words):
     bundle = neither_bundle("bad_rule", {"rules": [rule]})

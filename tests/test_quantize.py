@@ -10,6 +10,7 @@ import onnx
 import pytest
 from conftest import make_neither_folder, open_set_run
 
+from catdogcnn.bundle import BLANK_RULE
 from catdogcnn.calibration import decide
 from catdogcnn.data import load_images, scan_folder
 from catdogcnn.predict import Classifier
@@ -84,7 +85,8 @@ def test_an_int8_copy_sets_its_own_neither_cut_and_still_answers_neither(tmp_pat
     bundle, _ = open_set_run(tmp_path, ("cats", "dogs"), "seed_cnn")
     int8 = quantize(bundle, tmp_path / "data", tmp_path / "int8", calibration_photos=64)
     entry, before = Classifier(int8).metadata["neither"], Classifier(bundle).metadata["neither"]
-    assert entry["requantized"] and entry["rules"][0]["max"] != before["rules"][0]["max"]
+    assert entry["requantized"] and entry["rules"][1]["max"] != before["rules"][1]["max"]
+    assert entry["rules"][0] == before["rules"][0] == BLANK_RULE  # reads the photo: nothing to set again
     assert entry["val_pets_flagged"] <= entry["target_pets_flagged"] == before["target_pets_flagged"]
     assert "held_out_neither_caught" not in entry  # the float graph's figures, not the int8 one's
     answers = [p.label for p in Classifier(int8).predict_many([make_neither_folder(tmp_path / "fresh", 4, seed=9)])]

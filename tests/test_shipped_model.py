@@ -17,8 +17,8 @@ def shipped():
 
 def test_shipped_bundle_has_the_learned_neither_rule(shipped):
     assert shipped.classes == ["cats", "dogs"]
-    [rule] = shipped.neither_rules
-    assert rule["kind"] == "learned" and 0 < rule["max"] < 1
+    blank, rule = shipped.neither_rules
+    assert blank["kind"] == "blank" and rule["kind"] == "learned" and 0 < rule["max"] < 1
     entry = shipped.metadata["neither"]
     assert entry["val_pets_flagged"] <= entry["target_pets_flagged"] <= 0.01
     assert entry["photos"]["unseen_kinds"] and not set(entry["photos"]["unseen_kinds"]) & set(
@@ -86,7 +86,7 @@ def test_shipped_from_scratch_model_on_the_real_test_set(real_data):
     "neither" whose cut turns away at most about 1% of pets."""
     clf = load_classifier(bundled_models_dir() / "resnet_small")
     assert clf.metadata["architecture"] == "resnet_small"
-    assert [rule["kind"] for rule in clf.neither_rules] == ["learned"]
+    assert [rule["kind"] for rule in clf.neither_rules] == ["blank", "learned"]
     result = evaluate(real_data, clf)
     assert result["n"] == 2000 and result["accuracy"] >= 0.9, result
     assert result["neither"]["pets_flagged"] <= 0.02, result["neither"]

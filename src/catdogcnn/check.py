@@ -1,5 +1,5 @@
-"""`catdogcnn data check`: counts per split and class, bad files, and exact and near-duplicate pairs (leakage
-between splits, label conflicts between classes)."""
+"""`catdogcnn data check`: counts per split and class, bad files, blank photos (one flat colour, which no class
+shows), and exact and near-duplicate pairs (leakage between splits, label conflicts between classes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catdogcnn.data import BadImageError, file_digests, list_classes, load_images, resolve_splits, scan_folder
+from catdogcnn.bundle import BLANK_RULE
+from catdogcnn.data import (
+    BadImageError,
+    file_digests,
+    flat_photos,
+    list_classes,
+    load_images,
+    resolve_splits,
+    scan_folder,
+)
 from catdogcnn.extras import needs_extra
 
 
@@ -26,11 +35,13 @@ class DuplicatePair:
 class CheckReport:
     counts: dict[str, dict[str, int]]  # split -> class -> good photos
     bad: list[BadImageError]
+    blank: list[str]  # paths of photos of one flat colour
     exact_duplicates: list[DuplicatePair]
     near_duplicates: list[DuplicatePair]
 
     def to_dict(self) -> dict:
         return {"counts": self.counts, "bad_files": [{"path": e.path, "reason": e.reason} for e in self.bad],
+                "blank_photos": self.blank,
                 "exact_duplicates": [vars(p) for p in self.exact_duplicates],
                 "near_duplicates": [vars(p) for p in self.near_duplicates]}
 
@@ -56,11 +67,13 @@ def _perceptual_hashes(images: np.ndarray) -> np.ndarray:
 
 def check_dataset(root: Path, near_distance: int = 4, size: int = 64, cache_dir: Path | None | bool = None,
                   progress: Callable[[int], None] | None = None) -> CheckReport:
-    """Counts per split and class, bad files, and exact (byte-identical) and near (pHash) duplicate pairs."""
+    """Counts per split and class, bad files, blank photos, and exact (byte-identical) and near (pHash) duplicate
+    pairs."""
     splits = resolve_splits(root)
     classes = sorted({c for folder in splits.values() for c in list_classes(folder)})
     counts: dict[str, dict[str, int]] = {}
     bad: list[BadImageError] = []
+    blank: list[str] = []
     where: list[tuple[str, str]] = []
     paths: list[Path] = []
     images = []
@@ -72,6 +85,8 @@ def check_dataset(root: Path, near_distance: int = 4, size: int = 64, cache_dir:
         paths.extend(found.paths)
         where.extend((split, classes[label]) for label in found.labels)
         images.append(found.images)
+        flat = flat_photos(found.images, BLANK_RULE["max_std"])
+        blank.extend(str(path) for path, is_flat in zip(found.paths, flat, strict=True) if is_flat)
 
     groups: dict[str, list[int]] = defaultdict(list)
     for i, digest in enumerate(file_digests(paths)):
@@ -90,7 +105,7 @@ def check_dataset(root: Path, near_distance: int = 4, size: int = 64, cache_dir:
         for i, j in _close_pairs(hashes, near_distance):
             if (i, j) not in exact_set:
                 near.append(DuplicatePair(str(paths[i]), str(paths[j]), _pair_kind(where[i], where[j])))
-    return CheckReport(counts, bad, exact, near)
+    return CheckReport(counts, bad, blank, exact, near)
 
 
 def _close_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -> Iterable[tuple[int, int]]:

@@ -449,7 +449,8 @@ def data_check(
     near_distance: Annotated[int, typer.Option(min=0, max=64, help="Max pHash bit distance for near-duplicates.")]
     = 4,
 ) -> None:
-    """Counts per split and class, bad files, exact duplicates (leakage, label conflicts), near-duplicates."""
+    """Counts per split and class, bad files, blank photos, exact duplicates (leakage, label conflicts),
+    near-duplicates."""
     from catdogcnn.check import check_dataset
 
     report = check_dataset(data_dir, near_distance=near_distance)
@@ -461,6 +462,9 @@ def data_check(
     typer.echo(f"bad files: {len(report.bad)}")
     for e in report.bad:
         typer.echo(f"  {e}")
+    typer.echo(f"blank photos (one flat colour): {len(report.blank)}")
+    for path in report.blank:
+        typer.echo(f"  {path}")
     typer.echo(f"exact duplicates: {len(report.exact_duplicates)} pair(s)")
     for pair in report.exact_duplicates:
         typer.echo(f"  {pair.a} = {pair.b}  [{pair.kind}]")

@@ -185,6 +185,17 @@ def _image_from_memory(source: Image.Image | np.ndarray) -> Image.Image:
     return Image.fromarray(source[:, :, 0] if source.ndim == 3 and source.shape[2] == 1 else source)
 
 
+def flat_photos(images: np.ndarray, max_std: float) -> np.ndarray:
+    """For decoded photos (N, H, W, 3): True where every colour channel's standard deviation over the photo is
+    at most `max_std` (of 255), a picture of one flat colour with nothing on it. In chunks: a data set's worth
+    of float pixels would not fit in memory."""
+    flat = np.zeros(len(images), bool)
+    for start in range(0, len(images), 256):
+        chunk = np.asarray(images[start:start + 256], np.float32)
+        flat[start:start + 256] = chunk.reshape(len(chunk), -1, chunk.shape[-1]).std(axis=1).max(axis=1) <= max_std
+    return flat
+
+
 def decode_image(source: ImageSource, size: int | None = None, resample: str = "bilinear") -> np.ndarray:
     """Decode one photo to a uint8 RGB array, resized (squashed) to `size` x `size` when given.
 

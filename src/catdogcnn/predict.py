@@ -31,16 +31,25 @@ from catdogcnn.bundle import (
     read_graph,
 )
 from catdogcnn.calibration import decide
-from catdogcnn.data import BadImageError, ImageSource, decode_image, decode_many, list_files, source_name
+from catdogcnn.data import (
+    BadImageError,
+    ImageSource,
+    decode_image,
+    decode_many,
+    flat_photos,
+    list_files,
+    source_name,
+)
 from catdogcnn.errors import UserError
 
 if TYPE_CHECKING:  # onnxruntime is imported when a Classifier is made: `import catdogcnn` stays quick
     import onnxruntime as ort
 
 NEITHER = "neither"
-# The graph output each kind of "neither" rule reads, and the key of its cut in bundle.json.
-RULE_OUTPUTS = {"learned": NEITHER_OUTPUT_NAME, "imagenet": IMAGENET_OUTPUT_NAME}
-RULE_CUTS = {"learned": "max", "imagenet": "min_pet_probability"}
+# The graph output each kind of "neither" rule reads (`blank` reads the photo itself), and the key of its cut in
+# bundle.json.
+RULE_OUTPUTS = {"blank": None, "learned": NEITHER_OUTPUT_NAME, "imagenet": IMAGENET_OUTPUT_NAME}
+RULE_CUTS = {"blank": "max_std", "learned": "max", "imagenet": "min_pet_probability"}
 
 
 @dataclass(frozen=True)
@@ -118,12 +127,13 @@ class Classifier:
         self.neither_rules: list[dict] = neither_rules(self.metadata) if neither else []
         self._rule_outputs = [self._rule_output(rule) for rule in self.neither_rules]
         self._pet_indices = [np.asarray(rule.get("pet_indices", []), np.int64) for rule in self.neither_rules]
-        self._outputs_used = list(dict.fromkeys([OUTPUT_NAME, *self._rule_outputs]))
+        self._outputs_used = list(dict.fromkeys([OUTPUT_NAME, *filter(None, self._rule_outputs)]))
         self.can_explain = ACTIVATION_OUTPUT_NAME in self._outputs
         self.warm_up(1)
 
-    def _rule_output(self, rule: dict) -> str:
-        """The graph output a "neither" rule reads; BundleError when bundle.json's rule cannot be applied."""
+    def _rule_output(self, rule: dict) -> str | None:
+        """The graph output a "neither" rule reads (None: the photo); BundleError when bundle.json's rule cannot be
+        applied."""
         where = f"{self.bundle / METADATA_FILE if self.bundle.is_dir() else self.bundle}: 'neither' rule"
         kind = rule.get("kind")
         if kind not in RULE_OUTPUTS:
@@ -131,7 +141,7 @@ class Classifier:
         if RULE_CUTS[kind] not in rule or (kind == "imagenet" and not {"pet_indices", "imagenet_names"} <= set(rule)):
             raise BundleError(f"{where} {kind!r} lacks its cut or its ImageNet indices and names")
         output = rule.get("output", RULE_OUTPUTS[kind])
-        if output not in self._outputs:
+        if output is not None and output not in self._outputs:
             raise BundleError(f"{where} {kind!r} reads {output!r}, which the graph does not output")
         return output
 
@@ -178,7 +188,7 @@ class Classifier:
         for i, (source, probabilities) in enumerate(zip(sources, outputs[0], strict=True)):
             per_class = {c: float(p) for c, p in zip(self.classes, probabilities, strict=True)}
             label, confidence = self.label(probabilities)
-            neither = self._neither(by_name, i)
+            neither = self._neither(by_name, images[i], i)
             reason = None
             if neither:
                 label, (confidence, reason) = NEITHER, neither
@@ -186,11 +196,15 @@ class Classifier:
             out.append(Prediction(source, label, confidence, per_class, reason=reason, heatmap=heat))
         return out
 
-    def _neither(self, outputs: dict[str, np.ndarray], i: int) -> tuple[float, str] | None:
-        """Confidence and reason of the first "neither" rule that fires on photo `i`, or None when none does."""
+    def _neither(self, outputs: dict[str, np.ndarray], image: np.ndarray, i: int) -> tuple[float, str] | None:
+        """Confidence and reason of the first "neither" rule that fires on photo `i` (`image`, as decoded), or None
+        when none does."""
         none_of = f"none of {', '.join(self.classes)}"
         for rule, output, pet_indices in zip(self.neither_rules, self._rule_outputs, self._pet_indices, strict=True):
-            if rule["kind"] == "learned":
+            if rule["kind"] == "blank":
+                if flat_photos(image[None], rule["max_std"])[0]:
+                    return 1.0, f"{none_of}: the photo is blank (one flat colour)"
+            elif rule["kind"] == "learned":
                 score = float(outputs[output][i].reshape(-1)[0])
                 if score > rule["max"]:
                     guess = self._imagenet_guess(outputs, i)

@@ -142,7 +142,9 @@ def _recut_neither(entry: dict, metadata: dict, int8_outputs: dict[str, np.ndarr
     turn away the same share of them as before."""
     rules, flagged = [], False
     for rule in neither_rules(metadata):
-        if rule["kind"] == "imagenet":
+        if rule["kind"] == "blank":  # reads the photo, not the graph: nothing to set again
+            rules.append(rule)
+        elif rule["kind"] == "imagenet":
             mass = int8_outputs[rule["output"]][:, rule["pet_indices"]].sum(1)
             rules.append({**rule, "min_pet_probability": neither_threshold(mass)})
             flagged = flagged | (mass < rules[-1]["min_pet_probability"])

@@ -12,6 +12,7 @@ from rich.console import Console
 from torch import nn
 
 from catdogcnn.augment import parse_augment
+from catdogcnn.bundle import BLANK_RULE
 from catdogcnn.export import export_bundle
 from catdogcnn.models import Normalize, get_spec
 from catdogcnn.train.calibrate import (
@@ -81,6 +82,8 @@ def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tra
                                                    neither_outputs or {})
     elif with_neither:
         metadata["neither"] = {"rules": [calibrate_neither(val_logits[1])], "fitted_on": "validation photos"}
+    if "neither" in metadata:  # a model that can answer "neither" answers it for a blank photo first
+        metadata["neither"]["rules"].insert(0, dict(BLANK_RULE))
     # The folder of "neither" photos by name only: no path of the machine that trained it.
     metadata["training"]["config"]["neither_photos"] = neither.summary["folder"] if neither else None
     parity = np.asarray(dataset.val.images[: min(16, len(dataset.val))])
