@@ -7,11 +7,13 @@ import io
 import types
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from catdogcnn import serve
+from catdogcnn.bundle import shipped_bundle_names
 from catdogcnn.predict import Classifier
 from catdogcnn.serve import STATIC, ServeConfig, create_app
 
@@ -127,23 +129,36 @@ def test_health_and_model(client):
 
 
 def test_neither_answers_and_rules(neither_bundle):
-    bundle = neither_bundle("served", {"rules": [{"kind": "learned", "output": "neither_probability", "max": 0.7},
+    bundle = neither_bundle("served", {"rules": [{"kind": "blank", "max_std": 4.0},
+                                                 {"kind": "learned", "output": "neither_probability", "max": 0.7},
                                                  {"kind": "imagenet", "output": "imagenet_probabilities",
                                                   "pet_indices": [1], "min_pet_probability": 0.2,
                                                   "imagenet_names": ["lakeside", "tabby"]}],
                                        "fitted_on": "validation photos"})
     photos = {}
-    for name, colour in (("bright", (240, 240, 240)), ("dim", (40, 120, 10))):
+    for name, colour in (("bright", (230, 230, 230)), ("dim", (40, 120, 10)), ("flat", (40, 120, 10))):
+        image = np.full((32, 32, 3), colour, np.uint8)
+        if name != "flat":  # a pattern of 16 levels: not blank
+            image[::2, ::2] += 16
         buffer = io.BytesIO()
-        Image.new("RGB", (32, 32), colour).save(buffer, "PNG")
+        Image.fromarray(image).save(buffer, "PNG")
         photos[name] = buffer.getvalue()
     with TestClient(create_app(bundle)) as c:
         model = c.get("/v1/model").json()
         results = post(c, *((f"{name}.png", data, "image/png") for name, data in photos.items())).json()["results"]
-    assert model["neither"] == {"rules": [{"kind": "learned", "cut": 0.7}, {"kind": "imagenet", "cut": 0.2}]}
+    assert model["neither"] == {"rules": [{"kind": "blank", "cut": 4.0}, {"kind": "learned", "cut": 0.7},
+                                          {"kind": "imagenet", "cut": 0.2}]}
     assert "lakeside" not in str(model) and "fitted_on" not in str(model)
-    assert [r["label"] for r in results] == ["neither", "dogs"]
-    assert "'neither' score 0.941 is above its cut 0.7; ImageNet sees 'lakeside'" in results[0]["reason"]
+    assert [r["label"] for r in results] == ["neither", "dogs", "neither"]
+    assert "'neither' score 0.918 is above its cut 0.7; ImageNet sees 'lakeside'" in results[0]["reason"]
+    assert results[2]["reason"] == "none of cats, dogs: the photo is blank (one flat colour)"
+
+
+@pytest.mark.parametrize("name", shipped_bundle_names())
+def test_every_shipped_model_describes_itself(name):
+    with TestClient(create_app(name)) as c:
+        model = c.get("/v1/model")
+    assert model.status_code == 200 and model.json()["model_id"]
 
 
 def test_page_and_docs(client):

@@ -92,8 +92,9 @@ class HealthResponse(BaseModel):
 
 
 class NeitherRule(BaseModel):
-    kind: Literal["learned", "imagenet"]  # learned: the model's "neither" score above the cut answers "neither";
-    cut: float  # imagenet: the classes' ImageNet probability below it
+    kind: Literal["blank", "learned", "imagenet"]  # blank: a photo whose every colour's spread is at most the cut
+    cut: float  # (of 255); learned: the model's "neither" score above the cut; imagenet: the classes' ImageNet
+    # probability below it
 
 
 class NeitherRules(BaseModel):
