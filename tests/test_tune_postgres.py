@@ -106,8 +106,15 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgre
             time.sleep(0.2)
             mine = [t for t in trials_of(postgres_url) if t.user_attrs.get("worker", "").endswith(f":{killed.pid}")]
             if any(t.state == optuna.trial.TrialState.COMPLETE for t in mine):
-                victim = next((t.number for t in mine if t.state == optuna.trial.TrialState.RUNNING
-                               and t.intermediate_values), None)
+                running = next((t.number for t in mine if t.state == optuna.trial.TrialState.RUNNING
+                                and t.intermediate_values), None)
+                if running is not None:
+                    # Stop A, then look again: its trial cannot finish between that look and the kill.
+                    killed.send_signal(signal.SIGSTOP)
+                    if trials_of(postgres_url)[running].state == optuna.trial.TrialState.RUNNING:
+                        victim = running
+                    else:
+                        killed.send_signal(signal.SIGCONT)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
         output, _ = survivor.communicate(timeout=600)
