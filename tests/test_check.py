@@ -34,4 +34,5 @@ def test_check_finds_the_13_known_pairs(real_data):
     report = check_dataset(real_data)
     pairs = {frozenset(Path(x).stem for x in (p.a, p.b)) for p in report.exact_duplicates}
     assert len(report.exact_duplicates) == 13
+    assert [Path(p).name for p in report.blank] == ["cat.835.jpg"]  # a white picture among the cats
     assert frozenset({"cat.4435", "cat.3411"}) in pairs and frozenset({"cat.8456", "dog.8736"}) in pairs

@@ -22,6 +22,13 @@ def test_decode_resizes_to_rgb_uint8(synthetic_photo):
     assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
 
 
+def test_a_flat_photo_is_one_colour_within_a_standard_deviation():
+    photos = np.full((3, 32, 32, 3), 128, np.uint8)
+    photos[1, ::2] = 120  # rows of 120 and 128: standard deviation 4 in every channel, the cut itself
+    photos[2, ::2, :, 2] = 118  # blue alone: rows of 118 and 128, standard deviation 5
+    assert D.flat_photos(photos, 4.0).tolist() == [True, True, False]
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1"])
 def test_every_mode_becomes_rgb(mode, synthetic_photo):
     img = synthetic_photo(1, np.random.default_rng(1), 32)

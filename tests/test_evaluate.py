@@ -41,9 +41,9 @@ def test_neither_is_reported_with_its_rules(neither_bundle, pets_and_others):
 
 def test_neither_rules_in_words():
     rules = [{"kind": "blank", "cut": 4.0}, {"kind": "learned", "cut": 0.12}, {"kind": "imagenet", "cut": 0.0676}]
-    assert describe_neither_rules(rules) == ("a blank photo (every colour within a spread of 4 of 255) or the "
-                                             "model's 'neither' score above 0.12 or ImageNet's probability of "
-                                             "the classes below 0.0676")
+    assert describe_neither_rules(rules) == ("a blank photo, every colour's standard deviation at most 4 of 255, "
+                                             "or the model's 'neither' score above 0.12 or ImageNet's probability "
+                                             "of the classes below 0.0676")
 
 
 def test_seed_cnn_bundle_on_the_real_test_set(real_data):

@@ -127,7 +127,7 @@ def read_response(conn: socket.socket, timeout: float = 30) -> tuple[int, bytes]
 
 @pytest.mark.slow
 def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_requests_on_sigterm(tiny_bundle):
-    server, url = start_server(tiny_bundle, "--workers", "2", "--request-timeout", "4", "--shutdown-timeout", "10")
+    server, url = start_server(tiny_bundle, "--workers", "2", "--request-timeout", "8", "--shutdown-timeout", "15")
     try:
         stalled, _ = upload_in_halves(url, jpeg(1))
         started = time.time()
@@ -135,7 +135,7 @@ def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_r
             r = httpx.post(f"{url}/v1/predict", files={"files": ("a.jpg", jpeg(seed), "image/jpeg")}, timeout=10)
             assert r.status_code == 200
         status, body = read_response(stalled)
-        assert status == 408 and b"did not arrive within 4 s" in body and 3.5 < time.time() - started < 15
+        assert status == 408 and b"did not arrive within 8 s" in body and 7.5 < time.time() - started < 20
         for _ in range(4):  # whichever worker answers, the figures are every worker's
             text = httpx.get(f"{url}/metrics", timeout=10).text
             assert metric(text, "catdogcnn_requests_total", route="/v1/predict", status="200") == 6
@@ -145,12 +145,15 @@ def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_r
         time.sleep(0.2)
         server.send_signal(signal.SIGTERM)
         told = time.time()
-        while True:  # no new connections once told to stop: each worker hears of it within moments
+        # No new requests served once told to stop: each worker hears of it within moments. With several workers
+        # the parent keeps the socket open until it exits, so a new connection is accepted by the kernel and
+        # never answered (a timeout), not refused. The in-flight upload must still arrive within its 8 s.
+        while True:
             try:
-                httpx.get(f"{url}/v1/health", timeout=2)
+                httpx.get(f"{url}/v1/health", timeout=1)
             except httpx.HTTPError:
                 break
-            assert time.time() - told < 4, "new connections still answered 4 s after SIGTERM"
+            assert time.time() - told < 4, "new requests still answered 4 s after SIGTERM"
             time.sleep(0.2)
         in_flight.sendall(rest)
         status, body = read_response(in_flight)

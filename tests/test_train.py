@@ -401,7 +401,7 @@ def test_fine_tuning_a_pretrained_backbone(tmp_path):
     bundle = train(tmp_path / "data", tmp_path / "run", config, cache_dir=tmp_path / "cache", show_progress=False)
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["graph"]["outputs"] == ["probabilities", "imagenet_probabilities", "class_activation"]
-    assert "neither" in meta and "calibration" in meta
+    assert [rule["kind"] for rule in meta["neither"]["rules"]] == ["blank", "imagenet"] and "calibration" in meta
     assert meta["training"]["config"]["schedule"] == "cosine"
     assert evaluate(tmp_path / "test", Classifier(bundle, neither=False))["accuracy"] > 0.9
 

@@ -109,8 +109,11 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(postgre
                 running = next((t.number for t in mine if t.state == optuna.trial.TrialState.RUNNING
                                 and t.intermediate_values), None)
                 if running is not None:
-                    # Stop A, then look again: its trial cannot finish between that look and the kill.
+                    # Stop A, then look again: its trial cannot finish between that look and the kill. The
+                    # pause (well inside the heartbeat's grace) lets a statement A sent before it stopped land.
                     killed.send_signal(signal.SIGSTOP)
+                    os.waitpid(killed.pid, os.WUNTRACED)
+                    time.sleep(0.3)
                     if trials_of(postgres_url)[running].state == optuna.trial.TrialState.RUNNING:
                         victim = running
                     else:

@@ -147,8 +147,9 @@ class Classifier:
 
     @property
     def neither_cuts(self) -> list[dict]:
-        """What a client needs to know of the "neither" rules: each one's kind and cut (`learned`: the model's
-        "neither" score above it; `imagenet`: the classes' ImageNet probability below it)."""
+        """What a client needs to know of the "neither" rules: each one's kind and cut (`blank`: the photo's
+        standard deviation in every colour channel at most it, of 255; `learned`: the model's "neither" score
+        above it; `imagenet`: the classes' ImageNet probability below it)."""
         return [{"kind": rule["kind"], "cut": float(rule[RULE_CUTS[rule["kind"]]])} for rule in self.neither_rules]
 
     def __repr__(self) -> str:

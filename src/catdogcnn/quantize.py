@@ -86,7 +86,7 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
     Activation ranges come from `calibration_images` (training photos); the float and int8 graphs are then
     compared on `check_images` (validation photos): agreement of labels, largest probability change and both
     accuracies go into the new bundle's metadata, whose validation metrics become the int8 graph's. The
-    "neither" cut is set again from the int8 graph's ImageNet probabilities of those photos.
+    "neither" rules that read the graph have their cuts set again from its outputs for those photos.
     """
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

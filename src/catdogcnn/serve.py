@@ -92,8 +92,8 @@ class HealthResponse(BaseModel):
 
 
 class NeitherRule(BaseModel):
-    kind: Literal["blank", "learned", "imagenet"]  # blank: a photo whose every colour's spread is at most the cut
-    cut: float  # (of 255); learned: the model's "neither" score above the cut; imagenet: the classes' ImageNet
+    kind: Literal["blank", "learned", "imagenet"]  # blank: every colour's standard deviation at most the cut (of
+    cut: float  # 255); learned: the model's "neither" score above the cut; imagenet: the classes' ImageNet
     # probability below it
 
 
