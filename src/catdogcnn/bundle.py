@@ -60,18 +60,19 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 # --------------------------------------------------------------------------- the "neither" rule
 
 # A photo of one flat colour (white, grey, ...) shows none of the classes, yet a model has learned nothing about
-# it (the photos of cats and dogs hold one: a white "cat"). Every photo of the data set spreads over 15 levels or
-# more in some colour channel, so 4 of 255 leaves nothing but a blank picture and its compression noise.
+# it (the photos of cats and dogs hold one: a white "cat"). Every other photo of the data set has a standard
+# deviation of 15 or more in some colour channel, so 4 of 255 leaves nothing but a blank picture and its
+# compression noise.
 BLANK_RULE = {"kind": "blank", "max_std": 4.0}
 
 
 def neither_rules(metadata: dict) -> list[dict]:
     """The bundle's "neither" (none of its classes) rules: a photo is answered "neither" when any one fires.
 
-    Three kinds: `blank` (the photo as the model sees it spreads at most `max_std` of 255 in every colour
-    channel), `learned` (the graph's `neither_probability` above `max`) and `imagenet` (an ImageNet head gives
-    the classes' ImageNet indices together less than `min_pet_probability`). A bundle of the first format kept
-    one ImageNet rule at the top level of its "neither" entry; it is read as that one rule.
+    Three kinds: `blank` (the photo as the model sees it has a standard deviation of at most `max_std` of 255
+    in every colour channel), `learned` (the graph's `neither_probability` above `max`) and `imagenet` (an
+    ImageNet head gives the classes' ImageNet indices together less than `min_pet_probability`). A bundle of
+    the first format kept one ImageNet rule at the top level of its "neither" entry; it is read as that one rule.
     """
     entry = metadata.get("neither")
     if not entry:
