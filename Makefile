@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python benchmarks/augmentation.py --data $(DATA)
 	$(BIN)/python benchmarks/from_scratch.py --data $(DATA)
 	$(BIN)/python benchmarks/accuracy.py --data $(DATA) --not-pets $(NEITHER) --write docs/results.md
+	$(BIN)/python benchmarks/other_collections.py --write docs/results.md
 	$(BIN)/python benchmarks/inference.py --data $(DATA) --memory --write docs/results.md
 	$(BIN)/python benchmarks/serve_load.py --data $(DATA)
 	$(BIN)/python benchmarks/serve_soak.py --data $(DATA) --minutes 10 --write docs/results.md

@@ -1,0 +1,241 @@
+"""Photos from collections no model here has trained or been tuned on, answered by each shipped bundle.
+
+    python benchmarks/other_collections.py [--bundle NAME=PATH ...] [--cache DIR] [--write docs/results.md]
+
+The photos are real photographs that other free software ships, fetched once (about 125 MB, pinned files
+checked by SHA-256) into `--cache` (default `$CATDOGCNN_CACHE/other_collections`):
+
+- GCompris's photos (Debian's `gcompris-qt-data` 3.1-2, inside Qt resource files): a cat, a dog and a kitten;
+  other animals (farm and wild animals, birds, fishes, insects); objects, buildings and monuments.
+- MATE's nature wallpapers (Debian's `mate-backgrounds` 1.26.0-1, `nature/`): a dune, a meadow, flowers,
+  rain drops, a storm, wood.
+- scipy's raccoon (`scipy.misc.face`, shipped inside scipy 1.9.3's wheel).
+
+Should Debian move a package out of its pool, snapshot.debian.org keeps every version under the same name.
+
+Pets count as answered right when labelled with their class, every other photo when answered `neither`. The
+photos' kinds come from their file names in those packages, so the sets are the same on every machine. The
+answers that are not the expected ones are listed (the first 12). A user's uploads come from other collections
+than the training photos, as these do; they hold only 3 pets, so they test the "neither" answer far more than
+cat-vs-dog accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import hashlib
+import io
+import lzma
+import struct
+import sys
+import tarfile
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from catdogcnn.bundle import bundled_models_dir, shipped_bundle_names
+from catdogcnn.data import default_cache_dir
+from catdogcnn.predict import NEITHER, Classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_page import add_write_option, recorded  # noqa: E402  (a sibling script, not a package)
+
+DEBIAN = "http://deb.debian.org/debian/pool/main"
+
+
+@dataclass(frozen=True)
+class Download:
+    url: str
+    sha256: str
+
+
+GCOMPRIS = Download(f"{DEBIAN}/g/gcompris-qt/gcompris-qt-data_3.1-2_all.deb",
+                    "e9cf06ab2105529068df73085784e835d2ff03f870d2a8091f09125d40abac9f")
+MATE = Download(f"{DEBIAN}/m/mate-backgrounds/mate-backgrounds_1.26.0-1_all.deb",
+                "7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04")
+SCIPY = Download("https://files.pythonhosted.org/packages/92/f9/7ae2c1ae200212bc84b5a8369a10d644aa8b588140fe292d59db3b4a2545/"
+                 "scipy-1.9.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+                 "abaf921531b5aeaafced90157db505e10345e45038c39e5d9b6c7922d68085cb")
+
+PETS = {"cat": "cats", "kitten": "cats", "dog": "dogs"}  # GCompris's file names of pets, and their class
+# GCompris's activities whose pictures are photographs (the others are drawings), by group.
+GCOMPRIS_FOLDERS = {
+    "other animals": ["erase/resource", "explore_farm_animals/resource/animals",
+                      "explore_world_animals/resource/animals", "categorization/resource/images/fishes"],
+    "objects, buildings, monuments": ["categorization/resource/images/tools",
+                                      "categorization/resource/images/renewable",
+                                      "categorization/resource/images/monuments",
+                                      "categorization/resource/images/others", "explore_monuments/resource"],
+}
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+GROUPS = ["pets", "other animals", "raccoon", "nature (wallpapers)", "objects, buildings, monuments"]
+MISSES_LISTED = 12
+
+
+@dataclass
+class Photo:
+    name: str  # where it comes from, as the table shows it
+    group: str
+    expected: str  # a class, or "neither"
+    image: Image.Image
+
+
+def fetch(download: Download, cache: Path) -> bytes:
+    """The file, from the cache or else downloaded; refused when its SHA-256 is not the pinned one."""
+    path = cache / download.url.rsplit("/", 1)[1]
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {download.url}", file=sys.stderr)
+        with urllib.request.urlopen(download.url, timeout=120) as response:
+            body = response.read()
+        partial = path.with_suffix(".part")
+        partial.write_bytes(body)
+        partial.replace(path)
+    body = path.read_bytes()
+    if hashlib.sha256(body).hexdigest() != download.sha256:
+        sys.exit(f"{path}: SHA-256 is not the pinned one (a changed or broken download; delete it to fetch again)")
+    return body
+
+
+def deb_files(deb: bytes) -> Iterator[tuple[str, bytes]]:
+    """(path, contents) of the files a Debian package installs.
+
+    A .deb is an `ar` archive holding data.tar.xz; `ar` is read by hand (a header of 60 bytes per member), as
+    the standard library has no reader and dpkg-deb is only on Debian."""
+    if not deb.startswith(b"!<arch>\n"):
+        raise ValueError("not a Debian package")
+    at = 8
+    while at < len(deb):
+        name, size = deb[at:at + 16].decode().strip().rstrip("/"), int(deb[at + 48:at + 58].decode())
+        member = deb[at + 60:at + 60 + size]
+        if name == "data.tar.xz":
+            with tarfile.open(fileobj=io.BytesIO(lzma.decompress(member))) as tar:
+                for info in tar:
+                    if info.isfile():
+                        yield info.name.lstrip("./"), tar.extractfile(info).read()
+        at += 60 + size + size % 2  # members are padded to an even length
+
+
+def qt_resources(rcc: bytes) -> Iterator[tuple[str, bytes]]:
+    """(path, contents) of the files in a Qt resource file (.rcc): its tree of names, and each file's data,
+    zlib-compressed or stored. Written by hand: no Python library reads the format."""
+    if rcc[:4] != b"qres":
+        raise ValueError("not a Qt resource file")
+    version, tree, data, names = struct.unpack(">IIII", rcc[4:20])
+    entry = 14 if version == 1 else 22  # version 2 added an 8-byte modification time
+
+    def name(offset: int) -> str:
+        length = struct.unpack(">H", rcc[names + offset:names + offset + 2])[0]
+        return rcc[names + offset + 6:names + offset + 6 + 2 * length].decode("utf-16-be")
+
+    def walk(index: int, prefix: str) -> Iterator[tuple[str, bytes]]:
+        at = tree + index * entry
+        name_offset, flags = struct.unpack(">IH", rcc[at:at + 6])
+        path = f"{prefix}/{name(name_offset)}" if index else ""
+        if flags & 2:  # a folder: its children's count and first index
+            count, first = struct.unpack(">II", rcc[at + 6:at + 14])
+            for child in range(first, first + count):
+                yield from walk(child, path)
+            return
+        offset = struct.unpack(">I", rcc[at + 10:at + 14])[0]
+        size = struct.unpack(">I", rcc[data + offset:data + offset + 4])[0]
+        body = rcc[data + offset + 4:data + offset + 4 + size]
+        if flags & 4:
+            raise ValueError(f"{path}: zstd-compressed, not read here")
+        yield path, zlib.decompress(body[4:]) if flags & 1 else body  # zlib data starts with its length
+
+    yield from walk(0, "")
+
+
+def gcompris_photos(deb: bytes) -> list[Photo]:
+    photos, seen = [], set()
+    for path, rcc in deb_files(deb):
+        if not path.endswith(".rcc"):
+            continue
+        for name, body in qt_resources(rcc):
+            if not name.lower().endswith(PHOTO_SUFFIXES) or hashlib.sha256(body).digest() in seen:
+                continue
+            where = name.split("/activities/", 1)[-1]
+            stem = Path(name).stem.lower()
+            group = next((g for g, folders in GCOMPRIS_FOLDERS.items()
+                          if any(where.startswith(f + "/") for f in folders)), None)
+            if stem in PETS and group == "other animals":
+                group = "pets"
+            if group:
+                seen.add(hashlib.sha256(body).digest())
+                photos.append(Photo(f"gcompris/{where}", group, PETS.get(stem, NEITHER), Image.open(io.BytesIO(body))))
+    return photos
+
+
+def mate_photos(deb: bytes) -> list[Photo]:
+    return [Photo(f"mate/{Path(path).name}", "nature (wallpapers)", NEITHER, Image.open(io.BytesIO(body)))
+            for path, body in deb_files(deb)
+            if "/backgrounds/mate/nature/" in path and path.lower().endswith(PHOTO_SUFFIXES)]
+
+
+def scipy_raccoon(wheel: bytes) -> Photo:
+    with zipfile.ZipFile(io.BytesIO(wheel)) as archive:  # 1024 x 768 RGB, bz2-compressed raw bytes
+        raw = bz2.decompress(archive.read("scipy/misc/face.dat"))
+    image = Image.fromarray(np.frombuffer(raw, dtype=np.uint8).reshape(768, 1024, 3))
+    return Photo("scipy/misc/face.dat", "raccoon", NEITHER, image)
+
+
+def collect(cache: Path) -> list[Photo]:
+    return [*gcompris_photos(fetch(GCOMPRIS, cache)), *mate_photos(fetch(MATE, cache)),
+            scipy_raccoon(fetch(SCIPY, cache))]
+
+
+def answer_rows(clf: Classifier, photos: list[Photo]) -> tuple[list[list[str]], list[str]]:
+    """A row per group (photos, what is expected, the share answered so) and the photos answered otherwise."""
+    predictions = [clf.predict(photo.image) for photo in photos]
+    rows, misses = [], []
+    for group in GROUPS:
+        pairs = [(ph, pr) for ph, pr in zip(photos, predictions, strict=True) if ph.group == group]
+        right = sum(pr.label == ph.expected for ph, pr in pairs)
+        expected = "its class" if group == "pets" else NEITHER
+        rows.append([group, str(len(pairs)), expected, f"{right / len(pairs):.1%} ({right}/{len(pairs)})" if pairs
+                     else "n/a"])
+        misses += [f"{ph.name}: {pr.label} {pr.confidence:.3f} (expected {ph.expected})" if pr.ok
+                   else f"{ph.name}: error {pr.error}" for ph, pr in pairs if pr.label != ph.expected]
+    if len(misses) > MISSES_LISTED:
+        misses = [*misses[:MISSES_LISTED], f"and {len(misses) - MISSES_LISTED} more"]
+    return rows, misses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
+                        help="a bundle to measure (repeatable); default: every shipped bundle with a 'neither' rule")
+    parser.add_argument("--cache", type=Path, default=default_cache_dir() / "other_collections",
+                        help="where the downloaded packages are kept")
+    add_write_option(parser)
+    args = parser.parse_args()
+    if args.bundle and not all("=" in item for item in args.bundle):
+        parser.error("--bundle takes NAME=PATH")
+    bundles = ({name: Path(path) for name, path in (item.split("=", 1) for item in args.bundle)} if args.bundle
+               else {name: bundled_models_dir() / name for name in shipped_bundle_names()})
+    title = "Photos from other collections (`benchmarks/other_collections.py`)"
+    with recorded(args.write, "other_collections.py", title):
+        photos = collect(args.cache)
+        for name, path in bundles.items():
+            clf = Classifier(path)
+            if not clf.neither_cuts:
+                print(f"{name} (`{clf.model_id}`): no 'neither' rule, left out\n")
+                continue
+            rows, misses = answer_rows(clf, photos)
+            print(f"{name} (`{clf.model_id}`)\n")
+            print("| group | photos | expected | answered as expected |\n|---|---:|---|---:|")
+            print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+            print("\nNot as expected: " + ("; ".join(misses) if misses else "none") + "\n")
+
+
+if __name__ == "__main__":
+    main()
