@@ -6,18 +6,19 @@ The photos are real photographs that other free software ships, fetched once (ab
 checked by SHA-256) into `--cache` (default `$CATDOGCNN_CACHE/other_collections`):
 
 - GCompris's photos (Debian's `gcompris-qt-data` 3.1-2, inside Qt resource files): a cat, a dog and a kitten;
-  other animals (farm and wild animals, birds, fishes, insects); objects, buildings and monuments.
+  other animals (farm and wild animals, birds, fishes, insects); objects, buildings and monuments. And, apart,
+  its drawings for words (animals, people, fruit, numbers): not photos, but what some users will upload.
 - MATE's nature wallpapers (Debian's `mate-backgrounds` 1.26.0-1, `nature/`): a dune, a meadow, flowers,
   rain drops, a storm, wood.
 - scipy's raccoon (`scipy.misc.face`, shipped inside scipy 1.9.3's wheel).
 
 Should Debian move a package out of its pool, snapshot.debian.org keeps every version under the same name.
 
-Pets count as answered right when labelled with their class, every other photo when answered `neither`. The
-photos' kinds come from their file names in those packages, so the sets are the same on every machine. The
-answers that are not the expected ones are listed (the first 12). A user's uploads come from other collections
-than the training photos, as these do; they hold only 3 pets, so they test the "neither" answer far more than
-cat-vs-dog accuracy.
+Pets (a drawn cat or dog too) count as answered right when labelled with their class, everything else when
+answered `neither`. The photos' kinds come from their file names in those packages, so the sets are the same on
+every machine. The answers that are not the expected ones are listed (the first 12). A user's uploads come from
+other collections than the training photos, as these do; they hold only 3 pets, so they test the "neither"
+answer far more than cat-vs-dog accuracy.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ SCIPY = Download("https://files.pythonhosted.org/packages/92/f9/7ae2c1ae200212bc
                  "abaf921531b5aeaafced90157db505e10345e45038c39e5d9b6c7922d68085cb")
 
 PETS = {"cat": "cats", "kitten": "cats", "dog": "dogs"}  # GCompris's file names of pets, and their class
-# GCompris's activities whose pictures are photographs (the others are drawings), by group.
+# GCompris's activities whose pictures are photographs, by group, and one of drawings (animals, people, fruit).
 GCOMPRIS_FOLDERS = {
     "other animals": ["erase/resource", "explore_farm_animals/resource/animals",
                       "explore_world_animals/resource/animals", "categorization/resource/images/fishes"],
@@ -74,9 +75,11 @@ GCOMPRIS_FOLDERS = {
                                       "categorization/resource/images/renewable",
                                       "categorization/resource/images/monuments",
                                       "categorization/resource/images/others", "explore_monuments/resource"],
+    "drawings (word pictures)": ["lang/resource/words_sample"],
 }
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-GROUPS = ["pets", "other animals", "raccoon", "nature (wallpapers)", "objects, buildings, monuments"]
+GROUPS = ["pets", "other animals", "raccoon", "nature (wallpapers)", "objects, buildings, monuments",
+          "drawings (word pictures)"]
 MISSES_LISTED = 12
 
 

@@ -99,8 +99,10 @@ def test_gcompris_photos_groups_by_folder_and_names_pets():
     rcc = make_rcc({"gcompris/src/activities/erase/resource/kitten.webp": (png("orange"), True),
                     "gcompris/src/activities/erase/resource/alpaca.webp": (png("white"), True),
                     "gcompris/src/activities/erase/resource/alpaca_copy.webp": (png("white"), False),
-                    "gcompris/src/activities/lang/resource/dog.webp": (png("brown"), True)})
+                    "gcompris/src/activities/lang/resource/words_sample/dog.webp": (png("brown"), True),
+                    "gcompris/src/activities/clickgame/resource/fish.webp": (png("blue"), True)})
     photos = gcompris_photos(make_deb({"usr/share/gcompris-qt/rcc/erase.rcc": rcc}))
     assert [(p.name.rsplit("/", 1)[1], p.group, p.expected) for p in photos] == [
-        ("kitten.webp", "pets", "cats"), ("alpaca.webp", "other animals", "neither")]  # copy and drawing left out
+        ("kitten.webp", "pets", "cats"), ("alpaca.webp", "other animals", "neither"),
+        ("dog.webp", "drawings (word pictures)", "dogs")]  # the copy, and a folder of no group, left out
     assert {p.group for p in photos} <= set(GROUPS)
