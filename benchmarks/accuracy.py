@@ -34,7 +34,6 @@ from collections import Counter
 from pathlib import Path
 
 from catdogcnn import data as D
-from catdogcnn.bundle import bundled_models_dir, shipped_bundle_names
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import NEITHER, Classifier
 from catdogcnn.train.config import TrainConfig
@@ -44,7 +43,14 @@ from catdogcnn.train.openset import split_by_kind
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from inference import time_folder, time_single  # noqa: E402  (a sibling script, not a package)
-from results_page import add_write_option, git_commit, processor, write_section  # noqa: E402
+from results_page import (  # noqa: E402
+    add_bundle_option,
+    add_write_option,
+    chosen_bundles,
+    git_commit,
+    processor,
+    write_section,
+)
 
 GROUPS = ("hard", "other", "scene")  # not_pets/manifest.csv's groups
 LATENCY_CALLS = 50
@@ -177,15 +183,11 @@ def main() -> None:
                                                                          ROOT.parent / "shared/data/cats_vs_dogs")))
     parser.add_argument("--not-pets", type=Path, default=Path(os.environ.get("CATDOGCNN_NEITHER",
                                                                              ROOT.parent / "shared/data/not_pets")))
-    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
-                        help="a bundle to measure (repeatable); default: every shipped bundle")
+    add_bundle_option(parser)
     parser.add_argument("--limit", type=int, metavar="N", help="at most N photos of each set")
     add_write_option(parser)
     args = parser.parse_args()
-    if args.bundle and not all("=" in item for item in args.bundle):
-        parser.error("--bundle takes NAME=PATH")
-    bundles = ({name: Path(path) for name, path in (item.split("=", 1) for item in args.bundle)} if args.bundle
-               else {name: bundled_models_dir() / name for name in shipped_bundle_names()})
+    bundles = chosen_bundles(parser, args)
     with open(args.not_pets / "manifest.csv", newline="") as f:
         groups = {row["file"]: row["group"] for row in csv.DictReader(f)}
 

@@ -41,13 +41,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catdogcnn.bundle import bundled_models_dir, shipped_bundle_names
 from catdogcnn.data import default_cache_dir
 from catdogcnn.predict import NEITHER, Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_page import add_write_option, recorded  # noqa: E402  (a sibling script, not a package)
+from results_page import add_bundle_option, add_write_option, chosen_bundles, recorded  # noqa: E402  (a sibling)
 
 DEBIAN = "http://deb.debian.org/debian/pool/main"
 
@@ -215,16 +214,12 @@ def answer_rows(clf: Classifier, photos: list[Photo]) -> tuple[list[list[str]], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
-                        help="a bundle to measure (repeatable); default: every shipped bundle with a 'neither' rule")
+    add_bundle_option(parser)
     parser.add_argument("--cache", type=Path, default=default_cache_dir() / "other_collections",
                         help="where the downloaded packages are kept")
     add_write_option(parser)
     args = parser.parse_args()
-    if args.bundle and not all("=" in item for item in args.bundle):
-        parser.error("--bundle takes NAME=PATH")
-    bundles = ({name: Path(path) for name, path in (item.split("=", 1) for item in args.bundle)} if args.bundle
-               else {name: bundled_models_dir() / name for name in shipped_bundle_names()})
+    bundles = chosen_bundles(parser, args)
     title = "Photos from other collections (`benchmarks/other_collections.py`)"
     with recorded(args.write, "other_collections.py", title):
         photos = collect(args.cache)

@@ -31,6 +31,23 @@ def add_write_option(parser) -> None:
                         help="also write the tables into FILE's section (docs/results.md)")
 
 
+def add_bundle_option(parser) -> None:
+    """The `--bundle NAME=PATH` option (repeatable) of the benchmarks that measure bundles side by side."""
+    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
+                        help="a bundle to measure (repeatable); default: every shipped bundle")
+
+
+def chosen_bundles(parser, args) -> dict[str, Path]:
+    """The bundles `--bundle` names, by name; without it, every shipped bundle."""
+    from catdogcnn.bundle import bundled_models_dir, shipped_bundle_names
+
+    if not args.bundle:
+        return {name: bundled_models_dir() / name for name in shipped_bundle_names()}
+    if not all("=" in item for item in args.bundle):
+        parser.error("--bundle takes NAME=PATH")
+    return {name: Path(path) for name, path in (item.split("=", 1) for item in args.bundle)}
+
+
 def git_commit() -> str:
     """The short commit, marked when the code or models differ from it."""
     try:
