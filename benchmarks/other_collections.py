@@ -2,12 +2,14 @@
 
     python benchmarks/other_collections.py [--bundle NAME=PATH ...] [--cache DIR] [--write docs/results.md]
 
-The photos are real photographs that other free software ships, fetched once (about 125 MB, pinned files
+The photos are real photographs that other free software ships, fetched once (about 285 MB, pinned files
 checked by SHA-256) into `--cache` (default `$CATDOGCNN_CACHE/other_collections`):
 
 - GCompris's photos (Debian's `gcompris-qt-data` 3.1-2, inside Qt resource files): a cat, a dog and a kitten;
   other animals (farm and wild animals, birds, fishes, insects); objects, buildings and monuments. And, apart,
   its drawings for words (animals, people, fruit, numbers): not photos, but what some users will upload.
+- Tux Paint's animal stamps (Debian's `tuxpaint-stamps-default` 2022.06.04-1): photographs of animals cut out
+  on a transparent background (so on white, as a viewer shows them), a husky among them.
 - MATE's nature wallpapers (Debian's `mate-backgrounds` 1.26.0-1, `nature/`): a dune, a meadow, flowers,
   rain drops, a storm, wood.
 - scipy's raccoon (`scipy.misc.face`, shipped inside scipy 1.9.3's wheel).
@@ -59,6 +61,8 @@ class Download:
 
 GCOMPRIS = Download(f"{DEBIAN}/g/gcompris-qt/gcompris-qt-data_3.1-2_all.deb",
                     "e9cf06ab2105529068df73085784e835d2ff03f870d2a8091f09125d40abac9f")
+TUXPAINT = Download(f"{DEBIAN}/t/tuxpaint-stamps/tuxpaint-stamps-default_2022.06.04-1_all.deb",
+                    "6db6c1bfc870a47f1499d6203b083522eacb57c5f9c87d468f2e92eb6d9d5f34")
 MATE = Download(f"{DEBIAN}/m/mate-backgrounds/mate-backgrounds_1.26.0-1_all.deb",
                 "7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04")
 SCIPY = Download("https://files.pythonhosted.org/packages/92/f9/7ae2c1ae200212bc84b5a8369a10d644aa8b588140fe292d59db3b4a2545/"
@@ -77,8 +81,8 @@ GCOMPRIS_FOLDERS = {
     "drawings (word pictures)": ["lang/resource/words_sample"],
 }
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-GROUPS = ["pets", "other animals", "raccoon", "nature (wallpapers)", "objects, buildings, monuments",
-          "drawings (word pictures)"]
+GROUPS = ["pets", "other animals", "animals cut out (stamps)", "raccoon", "nature (wallpapers)",
+          "objects, buildings, monuments", "drawings (word pictures)"]
 MISSES_LISTED = 12
 
 
@@ -177,6 +181,18 @@ def gcompris_photos(deb: bytes) -> list[Photo]:
     return photos
 
 
+def tuxpaint_photos(deb: bytes) -> list[Photo]:
+    """Tux Paint's animal stamps: photographs cut out on a transparent background (`cartoon/` folders left out)."""
+    photos = []
+    for path, body in deb_files(deb):
+        if "/stamps/animals/" in path and "/cartoon/" not in path and path.endswith(".png"):
+            stem = Path(path).stem.lower()
+            photos.append(Photo(f"tuxpaint/{path.split('/stamps/', 1)[1]}",
+                                "pets" if stem in PETS else "animals cut out (stamps)", PETS.get(stem, NEITHER),
+                                Image.open(io.BytesIO(body))))
+    return photos
+
+
 def mate_photos(deb: bytes) -> list[Photo]:
     return [Photo(f"mate/{Path(path).name}", "nature (wallpapers)", NEITHER, Image.open(io.BytesIO(body)))
             for path, body in deb_files(deb)
@@ -191,8 +207,8 @@ def scipy_raccoon(wheel: bytes) -> Photo:
 
 
 def collect(cache: Path) -> list[Photo]:
-    return [*gcompris_photos(fetch(GCOMPRIS, cache)), *mate_photos(fetch(MATE, cache)),
-            scipy_raccoon(fetch(SCIPY, cache))]
+    return [*gcompris_photos(fetch(GCOMPRIS, cache)), *tuxpaint_photos(fetch(TUXPAINT, cache)),
+            *mate_photos(fetch(MATE, cache)), scipy_raccoon(fetch(SCIPY, cache))]
 
 
 def answer_rows(clf: Classifier, photos: list[Photo]) -> tuple[list[list[str]], list[str]]:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from other_collections import GROUPS, deb_files, gcompris_photos, qt_resources  # noqa: E402
+from other_collections import GROUPS, deb_files, gcompris_photos, qt_resources, tuxpaint_photos  # noqa: E402
 
 
 def make_deb(files: dict[str, bytes]) -> bytes:
@@ -106,3 +106,13 @@ def test_gcompris_photos_groups_by_folder_and_names_pets():
         ("kitten.webp", "pets", "cats"), ("alpaca.webp", "other animals", "neither"),
         ("dog.webp", "drawings (word pictures)", "dogs")]  # the copy, and a folder of no group, left out
     assert {p.group for p in photos} <= set(GROUPS)
+
+
+def test_tuxpaint_photos_leave_out_cartoons():
+    deb = make_deb({"usr/share/tuxpaint/stamps/animals/mammals/dogs/dog.png": png("grey"),
+                    "usr/share/tuxpaint/stamps/animals/birds/owl.png": png("white"),
+                    "usr/share/tuxpaint/stamps/animals/birds/cartoon/owl.png": png("yellow"),
+                    "usr/share/tuxpaint/stamps/town/house.png": png("red")})
+    assert sorted((p.name, p.group, p.expected) for p in tuxpaint_photos(deb)) == [
+        ("tuxpaint/animals/birds/owl.png", "animals cut out (stamps)", "neither"),
+        ("tuxpaint/animals/mammals/dogs/dog.png", "pets", "dogs")]
