@@ -29,7 +29,6 @@ import argparse
 import bz2
 import hashlib
 import io
-import lzma
 import struct
 import sys
 import tarfile
@@ -69,7 +68,7 @@ SCIPY = Download("https://files.pythonhosted.org/packages/92/f9/7ae2c1ae200212bc
                  "scipy-1.9.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
                  "abaf921531b5aeaafced90157db505e10345e45038c39e5d9b6c7922d68085cb")
 
-PETS = {"cat": "cats", "kitten": "cats", "dog": "dogs"}  # GCompris's file names of pets, and their class
+PETS = {"cat": "cats", "kitten": "cats", "dog": "dogs"}  # the packages' file names of pets, and their class
 # GCompris's activities whose pictures are photographs, by group, and one of drawings (animals, people, fruit).
 GCOMPRIS_FOLDERS = {
     "other animals": ["erase/resource", "explore_farm_animals/resource/animals",
@@ -97,17 +96,22 @@ class Photo:
 def fetch(download: Download, cache: Path) -> bytes:
     """The file, from the cache or else downloaded; refused when its SHA-256 is not the pinned one."""
     path = cache / download.url.rsplit("/", 1)[1]
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        body, where = path.read_bytes(), str(path)
+    else:
         print(f"downloading {download.url}", file=sys.stderr)
-        with urllib.request.urlopen(download.url, timeout=120) as response:
-            body = response.read()
+        try:
+            with urllib.request.urlopen(download.url, timeout=120) as response:
+                body, where = response.read(), download.url
+        except OSError as e:  # URLError, timeouts, refused connections
+            sys.exit(f"{download.url}: cannot download ({e})")
+    if hashlib.sha256(body).hexdigest() != download.sha256:
+        sys.exit(f"{where}: SHA-256 is not the pinned one (a changed or broken file; a cached one can be deleted)")
+    if not path.exists():  # only a checked file is kept, written whole before it takes its name
+        cache.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".part")
         partial.write_bytes(body)
         partial.replace(path)
-    body = path.read_bytes()
-    if hashlib.sha256(body).hexdigest() != download.sha256:
-        sys.exit(f"{path}: SHA-256 is not the pinned one (a changed or broken download; delete it to fetch again)")
     return body
 
 
@@ -123,10 +127,10 @@ def deb_files(deb: bytes) -> Iterator[tuple[str, bytes]]:
         name, size = deb[at:at + 16].decode().strip().rstrip("/"), int(deb[at + 48:at + 58].decode())
         member = deb[at + 60:at + 60 + size]
         if name == "data.tar.xz":
-            with tarfile.open(fileobj=io.BytesIO(lzma.decompress(member))) as tar:
+            with tarfile.open(fileobj=io.BytesIO(member), mode="r:xz") as tar:
                 for info in tar:
                     if info.isfile():
-                        yield info.name.lstrip("./"), tar.extractfile(info).read()
+                        yield info.name.removeprefix("./"), tar.extractfile(info).read()
         at += 60 + size + size % 2  # members are padded to an even length
 
 
