@@ -1,38 +1,38 @@
-"""Photos from collections no model here has trained or been tuned on, answered by each shipped bundle.
+"""Photos from collections this project never trained or tuned on, answered by each shipped bundle.
 
     python benchmarks/other_collections.py [--bundle NAME=PATH ...] [--cache DIR] [--write docs/results.md]
 
 The photos are real photographs that other free software ships, fetched once (about 285 MB, pinned files
-checked by SHA-256) into `--cache` (default `$CATDOGCNN_CACHE/other_collections`):
+checked by SHA-256) into `--cache` (default: `other_collections` in catdogcnn's cache, `$CATDOGCNN_CACHE` or
+`~/.cache/catdogcnn`):
 
 - GCompris's photos (Debian's `gcompris-qt-data` 3.1-2, inside Qt resource files): a cat, a dog and a kitten;
   other animals (farm and wild animals, birds, fishes, insects); objects, buildings and monuments. And, apart,
   its drawings for words (animals, people, fruit, numbers): not photos, but what some users will upload.
-- Tux Paint's animal stamps (Debian's `tuxpaint-stamps-default` 2022.06.04-1): photographs of animals cut out
-  on a transparent background (so on white, as a viewer shows them), a husky among them.
+- Tux Paint's animal stamps (Debian's `tuxpaint-stamps-default` 2022.06.04-1): mostly photographs of animals
+  cut out on a transparent background (so on white, as a viewer shows them), a husky among them.
 - MATE's nature wallpapers (Debian's `mate-backgrounds` 1.26.0-1, `nature/`): a dune, a meadow, flowers,
   rain drops, a storm, wood.
 - scipy's raccoon (`scipy.misc.face`, shipped inside scipy 1.9.3's wheel).
 
-Should Debian move a package out of its pool, snapshot.debian.org keeps every version under the same name.
+Should Debian move a package out of its pool, https://snapshot.debian.org keeps every version of it.
 
 Pets (a drawn cat or dog too) count as answered right when labelled with their class, everything else when
 answered `neither`. The photos' kinds come from their file names in those packages, so the sets are the same on
-every machine. The answers that are not the expected ones are listed (the first 12). A user's uploads come from
-other collections than the training photos, as these do; they hold only 3 pets, so they test the "neither"
-answer far more than cat-vs-dog accuracy.
+every machine; near-copies (the same photo at two sizes) count once. The answers that are not the expected ones
+are listed (the first 12). A user's uploads come from other collections than the training photos, as these do;
+they hold only 4 photos of pets, so they test the "neither" answer far more than cat-vs-dog accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import bz2
-import hashlib
 import io
+import os
 import struct
 import sys
 import tarfile
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -42,7 +42,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catdogcnn.data import default_cache_dir
+from catdogcnn.bundle import BundleError
+from catdogcnn.data import BadImageError, decode_image, default_cache_dir
+from catdogcnn.download import DownloadError, sha256_of
+from catdogcnn.download import fetch as download_to
 from catdogcnn.predict import NEITHER, Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,53 +97,54 @@ class Photo:
 
 
 def fetch(download: Download, cache: Path) -> bytes:
-    """The file, from the cache or else downloaded; refused when its SHA-256 is not the pinned one."""
+    """The file, from the cache or else downloaded (resumed and retried as `catdogcnn data download` does); a
+    download takes its name in the cache only once its SHA-256 is the pinned one."""
     path = cache / download.url.rsplit("/", 1)[1]
-    if path.exists():
-        body, where = path.read_bytes(), str(path)
-    else:
-        print(f"downloading {download.url}", file=sys.stderr)
+    if not path.exists():
+        unchecked = path.with_name(path.name + ".unchecked")
         try:
-            with urllib.request.urlopen(download.url, timeout=120) as response:
-                body, where = response.read(), download.url
-        except OSError as e:  # URLError, timeouts, refused connections
-            sys.exit(f"{download.url}: cannot download ({e})")
-    if hashlib.sha256(body).hexdigest() != download.sha256:
-        sys.exit(f"{where}: SHA-256 is not the pinned one (a changed or broken file; a cached one can be deleted)")
-    if not path.exists():  # only a checked file is kept, written whole before it takes its name
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
-        partial.write_bytes(body)
-        partial.replace(path)
-    return body
+            download_to(download.url, unchecked)
+        except DownloadError as e:
+            sys.exit(f"{e} (every Debian version stays on https://snapshot.debian.org)")
+        if sha256_of(unchecked) != download.sha256:
+            unchecked.unlink()
+            sys.exit(f"{download.url}: SHA-256 is not the pinned one (the file changed on the server)")
+        os.replace(unchecked, path)
+    if sha256_of(path) != download.sha256:
+        sys.exit(f"{path}: SHA-256 is not the pinned one (a changed file: delete it to download it again)")
+    return path.read_bytes()
 
 
 def deb_files(deb: bytes) -> Iterator[tuple[str, bytes]]:
     """(path, contents) of the files a Debian package installs.
 
-    A .deb is an `ar` archive holding data.tar.xz; `ar` is read by hand (a header of 60 bytes per member), as
-    the standard library has no reader and dpkg-deb is only on Debian."""
+    A .deb is an `ar` archive holding data.tar.*; `ar` is read by hand (a header of 60 bytes per member), as
+    the standard library has no reader and dpkg-deb is not installed everywhere."""
     if not deb.startswith(b"!<arch>\n"):
         raise ValueError("not a Debian package")
-    at = 8
+    at, found = 8, False
     while at < len(deb):
         name, size = deb[at:at + 16].decode().strip().rstrip("/"), int(deb[at + 48:at + 58].decode())
-        member = deb[at + 60:at + 60 + size]
-        if name == "data.tar.xz":
-            with tarfile.open(fileobj=io.BytesIO(member), mode="r:xz") as tar:
+        if name.startswith("data.tar"):
+            found = True
+            with tarfile.open(fileobj=io.BytesIO(deb[at + 60:at + 60 + size]), mode="r:*") as tar:
                 for info in tar:
                     if info.isfile():
                         yield info.name.removeprefix("./"), tar.extractfile(info).read()
         at += 60 + size + size % 2  # members are padded to an even length
+    if not found:
+        raise ValueError("a Debian package without its data.tar member")
 
 
 def qt_resources(rcc: bytes) -> Iterator[tuple[str, bytes]]:
     """(path, contents) of the files in a Qt resource file (.rcc): its tree of names, and each file's data,
-    zlib-compressed or stored. Written by hand: no Python library reads the format."""
+    zlib-compressed or stored. Written by hand: no library this project depends on reads the format."""
     if rcc[:4] != b"qres":
         raise ValueError("not a Qt resource file")
     version, tree, data, names = struct.unpack(">IIII", rcc[4:20])
-    entry = 14 if version == 1 else 22  # version 2 added an 8-byte modification time
+    if version not in (1, 2, 3):
+        raise ValueError(f"Qt resource format version {version}, not 1 to 3")
+    entry = 14 if version == 1 else 22  # version 2 added an 8-byte modification time; 3, header flags
 
     def name(offset: int) -> str:
         length = struct.unpack(">H", rcc[names + offset:names + offset + 2])[0]
@@ -166,12 +170,12 @@ def qt_resources(rcc: bytes) -> Iterator[tuple[str, bytes]]:
 
 
 def gcompris_photos(deb: bytes) -> list[Photo]:
-    photos, seen = [], set()
+    photos = []
     for path, rcc in deb_files(deb):
         if not path.endswith(".rcc"):
             continue
         for name, body in qt_resources(rcc):
-            if not name.lower().endswith(PHOTO_SUFFIXES) or hashlib.sha256(body).digest() in seen:
+            if not name.lower().endswith(PHOTO_SUFFIXES):
                 continue
             where = name.split("/activities/", 1)[-1]
             stem = Path(name).stem.lower()
@@ -180,7 +184,6 @@ def gcompris_photos(deb: bytes) -> list[Photo]:
             if stem in PETS and group == "other animals":
                 group = "pets"
             if group:
-                seen.add(hashlib.sha256(body).digest())
                 photos.append(Photo(f"gcompris/{where}", group, PETS.get(stem, NEITHER), Image.open(io.BytesIO(body))))
     return photos
 
@@ -215,18 +218,45 @@ def collect(cache: Path) -> list[Photo]:
             *mate_photos(fetch(MATE, cache)), scipy_raccoon(fetch(SCIPY, cache))]
 
 
+def without_near_copies(photos: list[Photo]) -> tuple[list[Photo], list[str]]:
+    """The photos with each near-copy left out (within a group, a photo whose 32 px grey thumbnail differs from
+    an earlier one's by less than 2 of 255 on average: the same photo at another size), and the names left out."""
+    kept, thumbnails, dropped = [], [], []
+    for photo in photos:
+        thumbnail = decode_image(photo.image, 32).mean(axis=2)
+        if any(group == photo.group and np.abs(thumbnail - other).mean() < 2 for group, other in thumbnails):
+            dropped.append(photo.name)
+            continue
+        kept.append(photo)
+        thumbnails.append((photo.group, thumbnail))
+    return kept, dropped
+
+
+def expected_answer(photos: list[Photo]) -> str:
+    """What a group's photos should be answered, in words."""
+    pets = [Path(photo.name).name for photo in photos if photo.expected != NEITHER]
+    if not pets:
+        return NEITHER
+    return "its class" if len(pets) == len(photos) else f"{NEITHER}; its class for {', '.join(pets)}"
+
+
 def answer_rows(clf: Classifier, photos: list[Photo]) -> tuple[list[list[str]], list[str]]:
     """A row per group (photos, what is expected, the share answered so) and the photos answered otherwise."""
-    predictions = [clf.predict(photo.image) for photo in photos]
     rows, misses = [], []
     for group in GROUPS:
-        pairs = [(ph, pr) for ph, pr in zip(photos, predictions, strict=True) if ph.group == group]
-        right = sum(pr.label == ph.expected for ph, pr in pairs)
-        expected = "its class" if group == "pets" else NEITHER
-        rows.append([group, str(len(pairs)), expected, f"{right / len(pairs):.1%} ({right}/{len(pairs)})" if pairs
-                     else "n/a"])
-        misses += [f"{ph.name}: {pr.label} {pr.confidence:.3f} (expected {ph.expected})" if pr.ok
-                   else f"{ph.name}: error {pr.error}" for ph, pr in pairs if pr.label != ph.expected]
+        members, right = [photo for photo in photos if photo.group == group], 0
+        for photo in members:
+            try:
+                prediction = clf.predict(photo.image)
+            except BadImageError as e:
+                misses.append(f"{photo.name}: error {e.reason}")
+                continue
+            right += prediction.label == photo.expected
+            if prediction.label != photo.expected:
+                misses.append(f"{photo.name}: {prediction.label} {prediction.confidence:.3f} "
+                              f"(expected {photo.expected})")
+        share = f"{right / len(members):.1%} ({right}/{len(members)})" if members else "n/a"
+        rows.append([group, str(len(members)), expected_answer(members), share])
     if len(misses) > MISSES_LISTED:
         misses = [*misses[:MISSES_LISTED], f"and {len(misses) - MISSES_LISTED} more"]
     return rows, misses
@@ -239,12 +269,15 @@ def main() -> None:
                         help="where the downloaded packages are kept")
     add_write_option(parser)
     args = parser.parse_args()
-    bundles = chosen_bundles(parser, args)
+    try:  # the bundles first: a wrong path is said before any download
+        classifiers = {name: Classifier(path) for name, path in chosen_bundles(parser, args).items()}
+    except BundleError as e:
+        sys.exit(str(e))
     title = "Photos from other collections (`benchmarks/other_collections.py`)"
     with recorded(args.write, "other_collections.py", title):
-        photos = collect(args.cache)
-        for name, path in bundles.items():
-            clf = Classifier(path)
+        photos, near_copies = without_near_copies(collect(args.cache))
+        print(f"{len(photos)} photos; near-copies counted once, left out: {', '.join(near_copies) or 'none'}\n")
+        for name, clf in classifiers.items():
             if not clf.neither_cuts:
                 print(f"{name} (`{clf.model_id}`): no 'neither' rule, left out\n")
                 continue

@@ -7,6 +7,7 @@ with the date, the commit and the command that produced them; running a benchmar
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import io
@@ -19,28 +20,26 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from catdogcnn.bundle import atomic_write
+from catdogcnn.bundle import atomic_write, bundled_models_dir, shipped_bundle_names
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "# Results, as the benchmarks wrote them\n"
 
 
-def add_write_option(parser) -> None:
+def add_write_option(parser: argparse.ArgumentParser) -> None:
     """The `--write FILE` option every benchmark takes."""
     parser.add_argument("--write", type=Path, metavar="FILE",
                         help="also write the tables into FILE's section (docs/results.md)")
 
 
-def add_bundle_option(parser) -> None:
+def add_bundle_option(parser: argparse.ArgumentParser) -> None:
     """The `--bundle NAME=PATH` option (repeatable) of the benchmarks that measure bundles side by side."""
     parser.add_argument("--bundle", action="append", default=[], metavar="NAME=PATH",
                         help="a bundle to measure (repeatable); default: every shipped bundle")
 
 
-def chosen_bundles(parser, args) -> dict[str, Path]:
+def chosen_bundles(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Path]:
     """The bundles `--bundle` names, by name; without it, every shipped bundle."""
-    from catdogcnn.bundle import bundled_models_dir, shipped_bundle_names
-
     if not args.bundle:
         return {name: bundled_models_dir() / name for name in shipped_bundle_names()}
     if not all("=" in item for item in args.bundle):
