@@ -75,6 +75,15 @@ def real_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pet_breeds() -> Path:
+    """Pets of many breeds from other collections: `$CATDOGCNN_PETS`, else `../shared/data/pet_breeds`."""
+    for candidate in (os.environ.get("CATDOGCNN_PETS"), ROOT.parent / "shared" / "data" / "pet_breeds"):
+        if candidate and (Path(candidate) / "manifest.csv").is_file():
+            return Path(candidate)
+    pytest.skip("pets of many breeds not found: set CATDOGCNN_PETS or provide ../shared/data/pet_breeds")
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
 
@@ -133,6 +142,22 @@ def make_neither_folder(root: Path, per_kind: int, seed: int = 0) -> Path:
     for kind in KINDS:
         for i in range(per_kind):
             neither_photo(kind, rng).save(root / f"{kind}_{i:04d}.jpg", quality=90)
+    return root
+
+
+def make_breeds_folder(root: Path, per_breed: int, seed: int = 0, breeds: int = 4) -> Path:
+    """Pets of another collection: `cats/<breed>_<n>.jpg` and `dogs/<breed>_<n>.jpg`, class photos as
+    `synthetic_photo` draws them, each breed tinted its own way; a README beside them, as collections have."""
+    rng = np.random.default_rng(seed)
+    for label, animal in enumerate(("cats", "dogs")):
+        (root / animal).mkdir(parents=True, exist_ok=True)
+        for breed in range(breeds):
+            tint = rng.integers(-40, 40, 3)
+            for i in range(per_breed):
+                photo = np.asarray(synthetic_photo(label, rng)).astype(int) + tint
+                Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(
+                    root / animal / f"breed{breed}_{i:04d}.jpg", quality=90)
+    (root / "README.md").write_text("pets of many breeds\n")
     return root
 
 

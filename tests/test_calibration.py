@@ -65,3 +65,26 @@ def test_ece_is_the_gap_the_reliability_bins_show():
     assert np.allclose(bins.confidence, [0.55, 0.6, 0.985]) and bins.accuracy.tolist() == [1.0, 1.0, 0.5]
     expected = 0.25 * 0.45 + 0.25 * 0.4 + 0.5 * 0.485
     assert math.isclose(expected_calibration_error(y, p, bins=5), expected)
+
+
+def test_a_cut_on_a_few_photos_keeps_their_own_share_within_the_target():
+    from catdogcnn.calibration import neither_cut
+
+    scores = np.arange(116) / 116  # 116 photos: 1% of them is one photo
+    assert neither_cut(scores, 0.01, None) == scores[-2]  # lets the highest one through, no more
+    assert neither_cut(scores, 0.02, None) == scores[-3]
+    assert neither_cut(scores, 0.01) == scores[-1]  # 95% confidence: too few photos to let any through
+
+
+def test_a_calibrated_rule_reads_the_learned_score_and_imagenets_pets():
+    from catdogcnn.calibration import calibrated_evidence
+
+    imagenet = np.full((2, 4), 0.25)
+    imagenet[1] = [0.7, 0.1, 0.1, 0.1]
+    outputs = {"neither_probability": np.array([[0.5], [0.9]]), "imagenet_probabilities": imagenet}
+    rule = {"output": "neither_probability", "imagenet_output": "imagenet_probabilities", "pet_indices": [0, 1],
+            "weights": {"learned": 2.0, "imagenet": -1.0, "bias": 0.5}}
+    # photo 0: logit(0.5) = 0, pets' mass 0.5 (log-odds 0); photo 1: logit(0.9) = 2.197, mass 0.8 (1.386)
+    np.testing.assert_allclose(calibrated_evidence(rule, outputs), [0.5, 2 * np.log(9) - np.log(4) + 0.5])
+    learned_only = {"output": "neither_probability", "weights": {"learned": 2.0, "bias": 0.5}}
+    np.testing.assert_allclose(calibrated_evidence(learned_only, outputs), [0.5, 2 * np.log(9) + 0.5])

@@ -104,6 +104,16 @@ IMAGENET = {"kind": "imagenet", "output": IMAGENET_OUTPUT_NAME, "pet_indices": [
             "imagenet_names": ["lakeside", "tabby"]}
 
 
+CALIBRATED = {"kind": "calibrated", "output": NEITHER_OUTPUT_NAME, "imagenet_output": IMAGENET_OUTPUT_NAME,
+              "pet_indices": [1], "imagenet_names": ["lakeside", "tabby"],
+              "weights": {"learned": 1.0, "imagenet": -1.0, "bias": -0.5}, "max": 0.5}
+
+
+def odds_over_cut(score: float, cut: float) -> float:
+    """The probability of "neither" an earlier bundle's rule gives: the score's odds over its cut's (0.5 at it)."""
+    return 1 / (1 + np.exp(-(np.log(score / (1 - score)) - np.log(cut / (1 - cut)))))
+
+
 def halves(left: tuple[int, int, int], right: tuple[int, int, int] | None = None) -> np.ndarray:
     """A 32 x 32 photo: its left half one colour, its right half another (by default the same)."""
     image = np.empty((32, 32, 3), np.uint8)
@@ -127,11 +137,15 @@ def test_a_learned_rule_answers_neither_above_its_cut(neither_bundle):
     clf = Classifier(bundle)
     assert clf.neither_cuts == [{"kind": "learned", "cut": 0.7}]
     bright = clf.predict(halves((230, 240, 250)))  # left half's brightness: 240 / 255 = 0.941
-    assert bright.label == "neither" and bright.confidence == pytest.approx(240 / 255, abs=1e-4)
-    assert bright.reason.startswith("none of cats, dogs: the model's 'neither' score 0.941 is above its cut 0.7")
-    assert "ImageNet" not in bright.reason and set(bright.probabilities) == {"cats", "dogs"}
+    assert bright.label == "neither" and bright.confidence == pytest.approx(odds_over_cut(240 / 255, 0.7), abs=1e-4)
+    assert bright.confidence == bright.neither_probability > 0.5
+    assert bright.reason == ("none of cats, dogs (probability 87%): the model's 'neither' score 0.941 is above its "
+                             "cut 0.7")
+    assert set(bright.probabilities) == {"cats", "dogs"}
     dark = clf.predict(halves((40, 120, 10)))  # brightness 0.22; p(dogs) = 120 / 160
-    assert (dark.label, dark.reason) == ("dogs", None) and dark.confidence == pytest.approx(0.75, abs=1e-3)
+    assert (dark.label, dark.reason) == ("dogs", None)
+    assert dark.neither_probability == pytest.approx(odds_over_cut(170 / 765, 0.7), abs=1e-4)
+    assert dark.confidence == pytest.approx((1 - dark.neither_probability) * 0.75, abs=1e-3)
     assert Classifier(bundle, neither=False).predict(halves((230, 240, 250))).label == "dogs"
 
 
@@ -148,11 +162,12 @@ def test_only_the_outputs_the_rules_need_are_fetched_in_one_call(neither_bundle)
 def test_the_first_rule_that_fires_gives_the_reason(neither_bundle):
     clf = Classifier(neither_bundle("both", {"rules": [{**LEARNED, "max": 0.9}, IMAGENET]}))
     very_bright = clf.predict(halves((240, 240, 240)))  # 0.941: both rules fire; the learned one is first
-    assert very_bright.confidence == pytest.approx(240 / 255, abs=1e-4)
+    assert very_bright.confidence == pytest.approx(odds_over_cut(240 / 255, 0.9), abs=1e-4)
     assert very_bright.reason.endswith("score 0.941 is above its cut 0.9; ImageNet sees 'lakeside' (94%)")
     bright = clf.predict(halves((217, 217, 217)))  # 0.851: below the learned cut, the pet mass 0.149 below 0.2
-    assert bright.label == "neither" and bright.confidence == pytest.approx(217 / 255, abs=1e-4)
-    assert bright.reason == "none of cats, dogs: ImageNet sees 'lakeside' (85%), cats or dogs 14.9%"
+    assert bright.label == "neither"
+    assert bright.confidence == pytest.approx(1 - odds_over_cut(1 - 217 / 255, 0.2), abs=1e-3)  # of the pet mass
+    assert bright.reason == "none of cats, dogs (probability 59%): ImageNet sees 'lakeside' (85%), cats or dogs 14.9%"
     assert clf.predict(halves((150, 200, 150))).label == "dogs"
 
 
@@ -163,7 +178,7 @@ def test_a_bundle_of_the_first_format_keeps_its_imagenet_rule(neither_bundle):
     assert clf.neither_cuts == [{"kind": "imagenet", "cut": 0.2}]
     bright = clf.predict(halves((230, 240, 250)))
     assert clf.session.calls == [["probabilities", IMAGENET_OUTPUT_NAME]]
-    assert bright.label == "neither" and bright.confidence == pytest.approx(240 / 255, abs=1e-4)
+    assert bright.label == "neither" and bright.confidence == pytest.approx(1 - odds_over_cut(15 / 255, 0.2), abs=1e-3)
     assert "ImageNet sees 'lakeside' (94%), cats or dogs 5.9%" in bright.reason
     assert clf.predict(halves((120, 40, 10))).label == "cats"
 
@@ -179,8 +194,8 @@ def test_three_classes_with_a_learned_rule(neither_bundle):
     clf = Classifier(neither_bundle("three", {"rules": [LEARNED]}, classes=("red", "green", "blue")))
     answers = [clf.predict(halves(c)) for c in ((90, 20, 10), (10, 20, 90), (240, 200, 250))]
     assert [p.label for p in answers] == ["red", "blue", "neither"]
-    assert answers[1].confidence == pytest.approx(90 / 120, abs=5e-3)
-    assert answers[2].reason.startswith("none of red, green, blue: the model's 'neither' score 0.902")
+    assert answers[1].confidence == pytest.approx((1 - answers[1].neither_probability) * 90 / 120, abs=5e-3)
+    assert answers[2].reason.startswith("none of red, green, blue (probability 80%): the model's 'neither' score 0.902")
 
 
 def test_mirror_averaging_averages_the_neither_score(neither_bundle):
@@ -188,7 +203,7 @@ def test_mirror_averaging_averages_the_neither_score(neither_bundle):
     plain, mirrored = Classifier(bundle, tta=False), Classifier(bundle, tta=True)
     half_bright = halves((255, 255, 255), (153, 153, 153))  # left half 1.0, right half 0.6
     assert plain.predict(half_bright).confidence == pytest.approx(1.0, abs=1e-4)
-    assert mirrored.predict(half_bright).confidence == pytest.approx(0.8, abs=1e-4)
+    assert mirrored.predict(half_bright).confidence == pytest.approx(odds_over_cut(0.8, 0.7), abs=1e-4)
     half_dark = halves((255, 255, 255), (0, 0, 0))  # 1.0 alone, 0.5 averaged with its mirror image
     assert plain.predict(half_dark).label == "neither" and mirrored.predict(half_dark).label != "neither"
 
@@ -206,6 +221,7 @@ def test_a_blank_photo_is_answered_neither_before_any_model_rule(neither_bundle)
     assert clf.predict(halves((40, 120, 10), (40, 120, 20))).label == "dogs"
     bright = clf.predict(halves((235, 235, 235), (250, 250, 250)))
     assert bright.label == "neither" and "score 0.922 is above its cut 0.7" in bright.reason
+    assert bright.confidence == pytest.approx(odds_over_cut(235 / 255, 0.7), abs=1e-4)
     assert Classifier(neither_bundle("blank_first", {"rules": [BLANK_RULE, LEARNED]}),
                       neither=False).predict(halves((40, 120, 10))).label == "dogs"
 
@@ -218,3 +234,34 @@ def test_a_rule_that_cannot_be_applied_is_a_one_line_error(neither_bundle, rule,
     bundle = neither_bundle("bad_rule", {"rules": [rule]})
     with pytest.raises(BundleError, match=rf"^{bundle / 'bundle.json'}: 'neither' rule .*{words}[^\n]*$"):
         Classifier(bundle)
+
+
+def test_a_calibrated_rule_weighs_the_learned_score_against_imagenets_pets(neither_bundle):
+    clf = Classifier(neither_bundle("calibrated", {"rules": [CALIBRATED]}))
+    assert clf.neither_cuts == [{"kind": "calibrated", "cut": 0.5}]
+    # brightness b: the learned score is b, ImageNet's pet mass 1 - b, so the evidence is 2 logit(b) - 0.5
+    for level, expected in ((230, "neither"), (150, "neither"), (130, "dogs")):
+        photo = halves((level - 20, level + 20, level))
+        b = photo[:, :16].mean() / 255
+        p = clf.predict(photo)
+        assert p.neither_probability == pytest.approx(1 / (1 + np.exp(-(2 * np.log(b / (1 - b)) - 0.5))), abs=1e-4)
+        assert p.label == expected, (level, p)
+    answer = clf.predict(halves((190, 240, 210)))
+    assert answer.reason == ("none of cats, dogs (probability 94%): the model's 'neither' score 0.837; ImageNet sees "
+                             "'lakeside' (84%)")
+
+
+@pytest.mark.parametrize("rules", [[LEARNED], [IMAGENET], [CALIBRATED], [BLANK_RULE, CALIBRATED],
+                                   [{**LEARNED, "max": 0.9}, IMAGENET]], ids=["learned", "imagenet", "calibrated",
+                                                                             "blank", "two"])
+def test_confidence_is_the_probability_of_the_answer_for_every_rule(neither_bundle, rules):
+    clf = Classifier(neither_bundle("confidence", {"rules": rules}))
+    photos = [halves((r, g, b), (255 - r, g, 255 - b)) for r in (0, 60, 200) for g in (30, 128, 250) for b in (5, 99)]
+    photos.append(halves((90, 90, 90)))  # blank
+    for p in map(clf.predict, photos):
+        q = p.neither_probability
+        assert 0 <= p.confidence <= 1 and 0 <= q <= 1
+        if p.label == "neither":
+            assert p.confidence == q and q > 0.5
+        else:
+            assert p.confidence == pytest.approx((1 - q) * p.probabilities[p.label]) and q <= 0.5

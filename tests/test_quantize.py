@@ -85,7 +85,12 @@ def test_an_int8_copy_sets_its_own_neither_cut_and_still_answers_neither(tmp_pat
     bundle, _ = open_set_run(tmp_path, ("cats", "dogs"), "seed_cnn")
     int8 = quantize(bundle, tmp_path / "data", tmp_path / "int8", calibration_photos=64)
     entry, before = Classifier(int8).metadata["neither"], Classifier(bundle).metadata["neither"]
-    assert entry["requantized"] and entry["rules"][1]["max"] != before["rules"][1]["max"]
+    rule, float_rule = entry["rules"][1], before["rules"][1]
+    assert entry["requantized"] and rule["kind"] == float_rule["kind"] == "calibrated" and rule["max"] == 0.5
+    assert rule["weights"]["learned"] == float_rule["weights"]["learned"]  # the same rule, its cut moved
+    assert rule["weights"]["bias"] != float_rule["weights"]["bias"]
+    assert abs(entry["val_pets_flagged"] - before["val_pets_flagged"]) <= 0.05  # about the same photos turned away
+    assert entry["photos"] == before["photos"]  # which photos were held out, for the benchmarks
     assert entry["rules"][0] == before["rules"][0] == BLANK_RULE  # reads the photo: nothing to set again
     assert entry["val_pets_flagged"] <= entry["target_pets_flagged"] == before["target_pets_flagged"]
     assert "held_out_neither_caught" not in entry  # the float graph's figures, not the int8 one's

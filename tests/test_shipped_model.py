@@ -15,14 +15,18 @@ def shipped():
     return load_classifier(bundled_models_dir() / "default")
 
 
-def test_shipped_bundle_has_the_learned_neither_rule(shipped):
+def test_shipped_bundle_has_the_calibrated_neither_rule(shipped):
+    from catdogcnn.models.efficientnet_lite import IMAGENET_PETS
+
     assert shipped.classes == ["cats", "dogs"]
     blank, rule = shipped.neither_rules
-    assert blank["kind"] == "blank" and rule["kind"] == "learned" and 0 < rule["max"] < 1
+    assert blank["kind"] == "blank" and rule["kind"] == "calibrated" and rule["max"] == 0.5
+    assert rule["weights"]["learned"] > 0 > rule["weights"]["imagenet"] and rule["pet_indices"] == IMAGENET_PETS
     entry = shipped.metadata["neither"]
-    assert entry["val_pets_flagged"] <= entry["target_pets_flagged"] <= 0.01
+    assert entry["val_pets_flagged"] <= entry["target_pets_flagged"] <= 0.01 and entry["chosen"] == "combined"
     assert entry["photos"]["unseen_kinds"] and not set(entry["photos"]["unseen_kinds"]) & set(
         entry["photos"]["trained_kinds"])
+    assert entry["pet_photos"]["folder"] == "pet_breeds" and entry["pet_photos"]["unseen_breeds"]
 
 
 def test_no_shipped_bundle_names_a_path_of_the_machine_that_made_it():
@@ -37,6 +41,7 @@ def test_the_default_bundle_records_no_path_of_the_machine_that_trained_it(shipp
     assert "root" not in data and data["name"] == "cats_vs_dogs" and len(data["files_sha256"]) == 64
     assert not any(str(p).startswith(("/", "..")) for p in data["left_out_test_duplicates"])
     assert shipped.metadata["training"]["config"]["neither_photos"] == "not_pets"
+    assert shipped.metadata["training"]["config"]["pet_photos"] == "pet_breeds"
 
 
 def test_non_pets_are_answered_neither(shipped, non_pet_photos):
@@ -101,3 +106,19 @@ def test_shipped_bundles_are_found_by_name_from_any_folder(tmp_path, monkeypatch
         load_classifier("seed_cnn")
     with pytest.raises(BundleError, match=r"^nosuch: .*shipped bundle's name: default, resnet_small, seed_cnn\)$"):
         load_classifier("nosuch")
+
+
+@pytest.mark.slow
+def test_pets_of_breeds_never_trained_on_are_pets(shipped, pet_breeds):
+    """The photos of pet_breeds the default never trained on (held-out photos of trained breeds, and breeds kept
+    out): hardly any is turned away as "neither", and the class is right."""
+    import sys
+
+    sys.path.insert(0, str(bundled_models_dir().parent / "benchmarks"))
+    from accuracy import breed_rates, held_out_roles
+
+    roles, note = held_out_roles(pet_breeds, shipped.metadata, pets=True)
+    assert "WARNING" not in note
+    answered, total, right = breed_rates(shipped, roles, pet_breeds)
+    assert total["all"] == 220 and total["unseen"] == 104  # docs/results.md has the figures
+    assert answered["all"] <= 2 and right["all"] >= 215, (answered, right)

@@ -69,9 +69,11 @@ BLANK_RULE = {"kind": "blank", "max_std": 4.0}
 def neither_rules(metadata: dict) -> list[dict]:
     """The bundle's "neither" (none of its classes) rules: a photo is answered "neither" when any one fires.
 
-    Three kinds: `blank` (the photo as the model sees it has a standard deviation of at most `max_std` of 255
-    in every colour channel), `learned` (the graph's `neither_probability` above `max`) and `imagenet` (an
-    ImageNet head gives the classes' ImageNet indices together less than `min_pet_probability`). A bundle of
+    Four kinds: `blank` (the photo as the model sees it has a standard deviation of at most `max_std` of 255
+    in every colour channel), `calibrated` (a logistic regression of "neither" on the graph's
+    `neither_probability` and, with an `imagenet_output`, its ImageNet probability of `pet_indices`, above
+    `max`), `learned` (the graph's `neither_probability` above `max`) and `imagenet` (an ImageNet head gives the
+    classes' ImageNet indices together less than `min_pet_probability`). A bundle of
     the first format kept one ImageNet rule at the top level of its "neither" entry; it is read as that one rule.
     """
     entry = metadata.get("neither")

@@ -91,15 +91,54 @@ def neither_threshold(pet_mass: np.ndarray, pet_false_alarm: float = 0.005) -> f
     return float(min(0.5, np.quantile(pet_mass, pet_false_alarm)))
 
 
-def neither_cut(val_scores: np.ndarray, pets_flagged: float, confidence: float = 0.95) -> float:
+def neither_cut(val_scores: np.ndarray, pets_flagged: float, confidence: float | None = 0.95) -> float:
     """The score above which a photo is "neither", set so that with `confidence` at most `pets_flagged` of all
     class photos like the validation ones are turned away, not only of these: the cut lets through the k highest
     validation scores, k the largest count whose one-sided Clopper-Pearson upper bound on the rate stays within
-    `pets_flagged` (for 5,000 photos and 1%, k = 38: 0.76% of them)."""
-    with needs_extra("train"):
-        from scipy.stats import beta
-
+    `pets_flagged` (for 5,000 photos and 1%, k = 38: 0.76% of them). `confidence=None` asks for the share of
+    these photos alone (k = the whole part of `pets_flagged` x their number): for a sample too small to vouch for
+    the rate."""
     n = len(val_scores)
     k = np.arange(n)
-    within = k[beta.ppf(confidence, k + 1, n - k) <= pets_flagged]
+    if confidence is None:
+        within = k[k <= pets_flagged * n]
+    else:
+        with needs_extra("train"):
+            from scipy.stats import beta
+
+        within = k[beta.ppf(confidence, k + 1, n - k) <= pets_flagged]
     return float(np.sort(val_scores)[n - 1 - (within.max() if len(within) else 0)])
+
+
+def sigmoid(x: float | np.ndarray) -> float | np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+def logit(p: float | np.ndarray) -> float | np.ndarray:
+    """log(p / (1 - p)), with p kept within [1e-12, 1 - 1e-12] so that a cut of 0 or 1 stays finite."""
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def imagenet_log_odds(probabilities: np.ndarray, indices: list[int]) -> np.ndarray:
+    """(N,) log-odds that an ImageNet head's answer is one of `indices`, from its probabilities (N, 1000): the
+    evidence of the classes that holds across photo collections."""
+    mass = np.asarray(probabilities, np.float64)[:, indices].sum(1)
+    return logit(np.clip(mass, 1e-7, 1 - 1e-7))  # float32 probabilities resolve no finer near 1
+
+
+def evidence_columns(rule: dict, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, 1 or 2) what a `calibrated` "neither" rule weighs, from graph outputs (name -> (N, ...)): the logit of
+    the learned "neither" probability, and with an `imagenet_output` the ImageNet log-odds of `pet_indices`."""
+    columns = [logit(np.asarray(outputs[rule["output"]])[:, 0])]
+    if rule.get("imagenet_output"):
+        columns.append(imagenet_log_odds(outputs[rule["imagenet_output"]], rule["pet_indices"]))
+    return np.stack(columns, 1)
+
+
+def calibrated_evidence(rule: dict, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """A bundle's `calibrated` "neither" rule: its logit of "neither" for graph outputs (name -> (N, ...)), the
+    one computation training (`train.calibrate`) and inference (`Classifier`) share."""
+    w = rule["weights"]
+    columns = evidence_columns(rule, outputs)
+    return columns @ np.array([w["learned"], w.get("imagenet", 0.0)][:columns.shape[1]]) + w["bias"]

@@ -121,6 +121,7 @@ def predict(
     from rich.progress import Progress
 
     from catdogcnn.predict import expand_photos, load_classifier
+    from catdogcnn.results import result_columns, result_row
 
     if output_format not in ("table", "csv", "json"):
         raise _fail(f"--format must be table, csv or json, not {output_format!r}")
@@ -139,8 +140,9 @@ def predict(
     if ray_address:
         raise _fail("--ray needs --output FILE")
     writer = csv.writer(sys.stdout) if output_format == "csv" else None
+    neither = bool(classifier.neither_rules)
     if writer:
-        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in classifier.classes), "error", "reason"])
+        writer.writerow(result_columns(classifier.classes, neither))
     # A progress bar on stderr for long runs, only when it is a terminal (quiet in logs and pipes).
     console = Console(stderr=True)
     show_bar = console.is_terminal and len(photos) > classifier.batch_size
@@ -152,9 +154,8 @@ def predict(
             if output_format == "json":
                 typer.echo(json.dumps(p.to_dict()))
             elif writer:
-                probabilities = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in classifier.classes]
-                writer.writerow([p.source, p.label or "", f"{p.confidence:.6f}" if p.ok else "", *probabilities,
-                                 p.error or "", p.reason or ""])
+                writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v
+                                 for v in result_row(p, classifier.classes, neither).values()])
             elif p.ok:
                 typer.echo(f"{p.source}\t{p.label}\t{p.confidence:.4f}" + (f"\t{p.reason}" if p.reason else ""))
             else:
@@ -564,6 +565,40 @@ def report_command(
     typer.echo(f"report written to {training_report(run_dir)}")
 
 
+def _download_pets(dest: Path, url: str | None, sha256: str | None) -> None:
+    """The Cats and Dogs archive, with a progress bar on a terminal; raises DownloadError."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    from catdogcnn.download import download
+
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("downloading", total=None)
+        root, moved = download(dest, url, sha256, lambda done, total: bar.update(task, completed=done, total=total))
+    for path, reason in moved:
+        typer.echo(f"moved aside {path}: {reason}", err=True)
+    typer.echo(f"{root}: photos ready; {len(moved)} bad file(s) moved to {dest / 'rejected'} "
+               f"(reasons in {dest / 'rejected' / 'reasons.tsv'})")
+
+
+def _download_collection(name: str, dest: Path, jobs: int) -> bool:
+    """One photo collection: a line per failed photo on stderr, then the summary; True when none failed."""
+    from rich.progress import MofNCompleteColumn, Progress
+
+    from catdogcnn.download import download_collection
+
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(name, total=None)
+        result = download_collection(name, dest, workers=jobs,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    for file, reason in result.failed:
+        typer.echo(f"error: {file}: {reason}", err=True)
+    typer.echo(f"{result.folder}: {len(result.fetched)} fetched, {len(result.present)} already there, "
+               f"{len(result.failed)} failed")
+    return not result.failed
+
+
 @data_app.command("download")
 @user_errors
 def data_download(
@@ -573,24 +608,29 @@ def data_download(
     sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the archive "
                                                "(default: $CATDOGCNN_DATA_SHA256, else the one recorded "
                                                "by an earlier download).")] = None,
+    collection: Annotated[Literal["pets", "not_pets", "pet_breeds", "all"], typer.Option(
+        help="pets: the Cats and Dogs archive; not_pets, pet_breeds: rebuild that photo folder in DEST from its "
+             "manifest's pinned GitHub originals (a rerun fetches only the missing photos); all: the three.")]
+    = "pets",
+    jobs: Annotated[int, typer.Option(min=1, help="not_pets, pet_breeds: photos fetched at once.")] = 8,
 ) -> None:
-    """Download the full Cats and Dogs archive (resumable), check, extract, and move bad photos aside."""
-    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+    """Download the full Cats and Dogs archive (resumable), check, extract, and move bad photos aside; or the
+    not_pets and pet_breeds photo folders."""
+    from catdogcnn.download import COLLECTIONS, DownloadError
 
-    from catdogcnn.download import DownloadError, download
-
-    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True,
-                  disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("downloading", total=None)
+    failed = False
+    if collection in ("pets", "all"):
         try:
-            root, moved = download(dest, url, sha256, lambda done, total: bar.update(task, completed=done,
-                                                                                   total=total))
+            _download_pets(dest, url, sha256)
         except DownloadError as e:
-            raise _fail(str(e)) from None
-    for path, reason in moved:
-        typer.echo(f"moved aside {path}: {reason}", err=True)
-    typer.echo(f"{root}: photos ready; {len(moved)} bad file(s) moved to {dest / 'rejected'} "
-               f"(reasons in {dest / 'rejected' / 'reasons.tsv'})")
+            if collection == "pets":
+                raise _fail(str(e)) from None
+            typer.echo(f"error: {e}", err=True)  # with `all`, the other collections still come
+            failed = True
+    for name in {"pets": [], "all": list(COLLECTIONS)}.get(collection, [collection]):
+        failed = not _download_collection(name, dest, jobs) or failed
+    if failed:
+        raise typer.Exit(1)
 
 
 @data_app.command("split")

@@ -1,27 +1,39 @@
 """The real data set on a fresh machine: download Microsoft's "Cats and Dogs" archive, check it, extract it,
-move its known bad files aside, and lay it out like the seed (`training_set` / `test_set` / `extra_set`).
+move its known bad files aside, and lay it out like the seed (`training_set` / `test_set` / `extra_set`); and
+rebuild the `not_pets` and `pet_breeds` photo folders from their manifests' pinned GitHub sources.
 
     catdogcnn data download [--dest data/] [--url URL] [--sha256 HEX]
+    catdogcnn data download --collection not_pets|pet_breeds|all [--dest data/]
     catdogcnn data split data/PetImages --dest data/cats_vs_dogs [--train 4000 --test 1000 --seed 0]
 
 Downloads resume where they stopped (HTTP Range), also after a dropped connection; nothing is deleted:
-unusable photos go to `DEST/rejected/` with the reason in `DEST/rejected/reasons.tsv`.
+unusable photos go to `DEST/rejected/` with the reason in `DEST/rejected/reasons.tsv`. A collection's photos
+are written whole or not at all, so a rerun fetches only the ones still missing.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import http.client
+import io
 import os
 import random
+import re
 import shutil
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
 
+from catdogcnn.bundle import atomic_write
 from catdogcnn.data import BadImageError, decode_image, list_classes
 from catdogcnn.errors import UserError
 
@@ -32,6 +44,10 @@ CHUNK = 1 << 20
 
 class DownloadError(RuntimeError):
     """A download that cannot complete; one line, naming the URL or file."""
+
+
+class UnreachableError(DownloadError):
+    """The server could not be reached or kept dropping the connection, every attempt: the network, not the file."""
 
 
 def data_url() -> str:
@@ -67,10 +83,13 @@ def fetch(url: str, target: Path, attempts: int = 5, progress: Callable[[int, in
             if e.code == 416 and partial.exists():  # the partial file is already whole
                 os.replace(partial, target)
                 return target
+            if (e.code == 429 or e.code >= 500) and attempt < attempts:  # busy or failing for now: try again
+                time.sleep(min(2 ** attempt * 0.1, 5))
+                continue
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, DownloadError) as e:
             if attempt == attempts:
-                raise DownloadError(f"{url}: download failed after {attempts} attempts ({e})") from None
+                raise UnreachableError(f"{url}: download failed after {attempts} attempts ({e})") from None
             time.sleep(min(2 ** attempt * 0.1, 5))
     raise AssertionError("unreachable")
 
@@ -183,3 +202,203 @@ def split(source: Path, dest: Path, train: int = 4000, test: int = 1000, seed: i
                 _link_or_copy(photo, folder / f"{label[:-1]}.{photo.name}")
             counts.setdefault(split_name, {})[label] = len(chosen)
     return counts
+
+
+# --------------------------------------------------------------------------- not_pets and pet_breeds
+
+RAW_URL = "https://raw.githubusercontent.com"
+MANIFEST_FIELDS = ("file", "source_repo", "source_commit", "source_path", "source_sha1")
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class Collection:
+    """How a collection's photos were made from their originals: the cap in pixels on the longer side
+    (`longer`) or on the shorter one, as its README says; the originals are never enlarged."""
+
+    side: int
+    longer: bool
+
+
+COLLECTIONS = {"not_pets": Collection(256, longer=True), "pet_breeds": Collection(320, longer=False)}
+# After this many photos in a row found the host unreachable, the rest are not tried: with no network, a run
+# says so in seconds rather than retrying every photo of the manifest.
+MAX_UNREACHABLE_IN_A_ROW = 20
+
+
+@dataclass
+class CollectionResult:
+    """What one `download_collection` run did, by manifest `file`: failures carry a one-line reason."""
+
+    name: str
+    folder: Path
+    fetched: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def collections_url() -> str:
+    """Where the originals are, laid out `{base}/{repo}/{commit}/{path}`: `$CATDOGCNN_COLLECTIONS_URL` (a mirror,
+    or a test server), else GitHub's raw file host."""
+    return (os.environ.get("CATDOGCNN_COLLECTIONS_URL") or RAW_URL).rstrip("/")
+
+
+def shipped_manifest(name: str) -> str:
+    """The text of a collection's manifest as shipped inside the package (so a wheel alone can rebuild it)."""
+    if name not in COLLECTIONS:
+        raise UserError(f"unknown collection {name!r} (known: {', '.join(COLLECTIONS)})")
+    return resources.files("catdogcnn").joinpath("manifests", f"{name}.csv").read_text(encoding="utf-8")
+
+
+def read_manifest(text: str, origin: str = "manifest") -> list[dict[str, str]]:
+    """Parse and check a manifest: every row needs the source fields, a 40-hex sha1 and a `file` that stays
+    inside the collection's folder (a manifest given by path is not trusted to)."""
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [name for name in MANIFEST_FIELDS if name not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{origin}: no column {', '.join(missing)} (expected {', '.join(MANIFEST_FIELDS)})")
+    rows, seen = [], set()
+    for line, row in enumerate(reader, start=2):
+        if any(not (row.get(name) or "").strip() for name in MANIFEST_FIELDS):
+            raise UserError(f"{origin}, line {line}: an empty field among {', '.join(MANIFEST_FIELDS)}")
+        if not _SHA1.fullmatch(row["source_sha1"].lower()):
+            raise UserError(f"{origin}, line {line}: source_sha1 {row['source_sha1']!r} is not 40 hex digits")
+        file = PurePosixPath(row["file"])
+        if file.is_absolute() or ".." in file.parts or "\\" in row["file"] or file.name.startswith("."):
+            raise UserError(f"{origin}, line {line}: file {row['file']!r} would land outside the folder")
+        if row["file"] in seen:
+            raise UserError(f"{origin}, line {line}: file {row['file']!r} is listed twice")
+        seen.add(row["file"])
+        rows.append(row)
+    return rows
+
+
+def source_url(base: str, row: dict[str, str]) -> str:
+    """The original of a manifest row under `base`, its path URL-quoted (spaces, `:`, non-ASCII names)."""
+    parts = (row["source_repo"], row["source_commit"], row["source_path"])
+    return base.rstrip("/") + "/" + "/".join(urllib.parse.quote(part, safe="/") for part in parts)
+
+
+def process_photo(data: bytes, side: int, longer: bool) -> bytes:
+    """An original as the collection holds it: RGB, upright from its EXIF orientation, resized with Lanczos so
+    the longer (or shorter) side is at most `side` px, aspect kept and never enlarged, saved as baseline JPEG
+    quality 90 with optimised tables and no metadata. Raises BadImageError for what cannot be decoded."""
+    from PIL import Image, ImageOps
+
+    from catdogcnn.data import MAX_IMAGE_PIXELS, _to_rgb
+
+    try:
+        with Image.open(io.BytesIO(data)) as original:
+            if original.width * original.height > MAX_IMAGE_PIXELS:
+                raise BadImageError("original", f"decompression bomb refused ({original.width}x{original.height})",
+                                    "bomb")
+            original.load()
+            img = _to_rgb(ImageOps.exif_transpose(original))
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImageError("original", f"decompression bomb refused ({e})", "bomb") from None
+    except Exception as e:  # Pillow's parsers fail in many ways (OSError, SyntaxError, ValueError, ...) on bad bytes
+        raise BadImageError("original", f"cannot decode ({type(e).__name__}: {e})") from None
+    width, height = img.size
+    capped = max(width, height) if longer else min(width, height)
+    if capped > side:
+        scale = side / capped
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    img.info.clear()  # no EXIF, ICC profile or comment travels into the saved file
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90, optimize=True, progressive=False)
+    return out.getvalue()
+
+
+class _RowFailed(Exception):
+    """One manifest row that could not be made; the message is its one-line reason, `unreachable` when the host
+    was."""
+
+    def __init__(self, reason: str, unreachable: bool = False):
+        super().__init__(reason)
+        self.unreachable = unreachable
+
+
+def _make_row(row: dict[str, str], folder: Path, scratch: Path, base: str, spec: Collection, attempts: int,
+              give_up: threading.Event) -> None:
+    if give_up.is_set():
+        raise _RowFailed(f"not tried: the last {MAX_UNREACHABLE_IN_A_ROW} photos found the host unreachable "
+                         f"({base})", unreachable=True)
+    download_to = scratch / row["file"].replace("/", "__")
+    try:
+        fetch(source_url(base, row), download_to, attempts=attempts)
+    except DownloadError as e:  # a `.part` stays behind in the scratch folder: a rerun resumes it
+        raise _RowFailed(str(e), unreachable=isinstance(e, UnreachableError)) from None
+    try:
+        data = download_to.read_bytes()
+    finally:
+        download_to.unlink(missing_ok=True)
+    actual = hashlib.sha1(data).hexdigest()
+    if actual != row["source_sha1"].lower():
+        raise _RowFailed(f"sha1 {actual} of the download is not the manifest's {row['source_sha1']} "
+                         f"({len(data)} bytes from {source_url(base, row)})")
+    try:
+        photo = process_photo(data, spec.side, spec.longer)
+    except BadImageError as e:
+        raise _RowFailed(e.reason) from None
+    target = folder / row["file"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, photo)
+
+
+def download_collection(name: str, dest: Path, base_url: str | None = None, manifest: Path | None = None,
+                        workers: int = 8, attempts: int = 5,
+                        progress: Callable[[int, int], None] | None = None) -> CollectionResult:
+    """Rebuild `dest/<name>/` (not_pets or pet_breeds) from its manifest's pinned originals, checking each one's
+    sha1 and processing it as the collection's README says; the manifest is copied beside the photos.
+
+    Photos already there are skipped (each is written atomically, so one that exists is whole): a rerun fetches
+    only the missing ones. A row that fails (unreachable after `attempts`, wrong sha1, not decodable) is
+    reported in the result and nothing is written for it; the others go on. `manifest` replaces the shipped
+    one, `base_url` the originals' host; `progress(done, total)` counts the rows fetched or failed.
+    """
+    if name not in COLLECTIONS:
+        raise UserError(f"unknown collection {name!r} (known: {', '.join(COLLECTIONS)})")
+    spec = COLLECTIONS[name]
+    text = Path(manifest).read_text(encoding="utf-8") if manifest else shipped_manifest(name)
+    rows = read_manifest(text, str(manifest) if manifest else f"the shipped {name} manifest")
+    folder = Path(dest) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "manifest.csv", text.encode("utf-8"))
+    there = {row["file"] for row in rows if (folder / row["file"]).is_file()}
+    todo = [row for row in rows if row["file"] not in there]
+    result = CollectionResult(name, folder, present=sorted(there))
+    if not todo:
+        return result
+    base = (base_url or collections_url()).rstrip("/")
+    scratch = Path(dest) / ".downloads" / name  # outside the photo folder: readers of it never see a `.part`
+    scratch.mkdir(parents=True, exist_ok=True)
+    give_up, unreachable_in_a_row = threading.Event(), 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(_make_row, row, folder, scratch, base, spec, attempts, give_up): row["file"]
+                   for row in todo}
+        for done, future in enumerate(as_completed(futures), start=1):
+            file, unreachable = futures[future], False
+            try:
+                future.result()
+                result.fetched.append(file)
+            except _RowFailed as e:
+                result.failed.append((file, " ".join(str(e).split())))
+                unreachable = e.unreachable
+            except OSError as e:  # the destination, not the source: a full disk, no permission
+                result.failed.append((file, f"cannot write ({e.strerror or e})"))
+            unreachable_in_a_row = unreachable_in_a_row + 1 if unreachable else 0
+            if unreachable_in_a_row >= MAX_UNREACHABLE_IN_A_ROW:
+                give_up.set()
+            if progress:
+                progress(done, len(todo))
+    result.fetched.sort()
+    result.failed.sort()
+    for empty in (scratch, scratch.parent):
+        try:
+            empty.rmdir()
+        except OSError:  # not empty: `.part` files a rerun resumes
+            break
+    return result

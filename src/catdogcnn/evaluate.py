@@ -17,7 +17,8 @@ def describe_neither_rules(rules: list[dict]) -> str:
     """The "neither" rules (kind and cut, as in `evaluate`'s result) in words, for people."""
     words = {"blank": "a blank photo, every colour's standard deviation at most {:.3g} of 255,",
              "learned": "the model's 'neither' score above {:.3g}",
-             "imagenet": "ImageNet's probability of the classes below {:.3g}"}
+             "imagenet": "ImageNet's probability of the classes below {:.3g}",
+             "calibrated": "the probability of 'neither' (the model's evidence) above {:.3g}"}
     return " or ".join(words[rule["kind"]].format(rule["cut"]) for rule in rules)
 
 

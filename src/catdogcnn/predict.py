@@ -30,7 +30,7 @@ from catdogcnn.bundle import (
     read_bundle_metadata,
     read_graph,
 )
-from catdogcnn.calibration import decide
+from catdogcnn.calibration import calibrated_evidence, decide, logit, sigmoid
 from catdogcnn.data import (
     BadImageError,
     ImageSource,
@@ -46,20 +46,28 @@ if TYPE_CHECKING:  # onnxruntime is imported when a Classifier is made: `import 
     import onnxruntime as ort
 
 NEITHER = "neither"
-# The graph output each kind of "neither" rule reads (`blank` reads the photo itself), and the key of its cut in
-# bundle.json.
-RULE_OUTPUTS = {"blank": None, "learned": NEITHER_OUTPUT_NAME, "imagenet": IMAGENET_OUTPUT_NAME}
-RULE_CUTS = {"blank": "max_std", "learned": "max", "imagenet": "min_pet_probability"}
+# The graph outputs each kind of "neither" rule reads by default (`blank` reads the photo itself; `calibrated`
+# also reads its `imagenet_output` when it has one), and the key of its cut in bundle.json.
+RULE_OUTPUTS = {"blank": None, "learned": NEITHER_OUTPUT_NAME, "imagenet": IMAGENET_OUTPUT_NAME,
+                "calibrated": NEITHER_OUTPUT_NAME}
+RULE_CUTS = {"blank": "max_std", "learned": "max", "imagenet": "min_pet_probability", "calibrated": "max"}
 
 
 @dataclass(frozen=True)
 class Prediction:
+    """One photo's answer. `confidence` is the probability of the answer `label`: `neither_probability` for
+    "neither", else (1 - `neither_probability`) x the class's probability. `probabilities` are the classes'
+    probabilities if the photo shows one of them; `neither_probability` (None for a model that never answers
+    "neither") the probability that it shows none, as the bundle's rule gives it: "neither" is the answer when it
+    is above one half."""
+
     source: str
     label: str | None
     confidence: float | None
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
-    reason: str | None = None  # why the label is "neither": the rule that fired, with its score and cut
+    reason: str | None = None  # why the label is "neither": its probability and the rule's evidence
+    neither_probability: float | None = None
     # Where in the photo the answer comes from: (h, w) in [0, 1] over the model's input; only when asked.
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -127,29 +135,34 @@ class Classifier:
         self.neither_rules: list[dict] = neither_rules(self.metadata) if neither else []
         self._rule_outputs = [self._rule_output(rule) for rule in self.neither_rules]
         self._pet_indices = [np.asarray(rule.get("pet_indices", []), np.int64) for rule in self.neither_rules]
-        self._outputs_used = list(dict.fromkeys([OUTPUT_NAME, *filter(None, self._rule_outputs)]))
+        self._outputs_used = list(dict.fromkeys([OUTPUT_NAME, *(o for outs in self._rule_outputs for o in outs)]))
         self.can_explain = ACTIVATION_OUTPUT_NAME in self._outputs
         self.warm_up(1)
 
-    def _rule_output(self, rule: dict) -> str | None:
-        """The graph output a "neither" rule reads (None: the photo); BundleError when bundle.json's rule cannot be
+    def _rule_output(self, rule: dict) -> list[str]:
+        """The graph outputs a "neither" rule reads (none: the photo); BundleError when bundle.json's rule cannot be
         applied."""
         where = f"{self.bundle / METADATA_FILE if self.bundle.is_dir() else self.bundle}: 'neither' rule"
         kind = rule.get("kind")
         if kind not in RULE_OUTPUTS:
             raise BundleError(f"{where} of unknown kind {kind!r} (known: {', '.join(RULE_OUTPUTS)})")
-        if RULE_CUTS[kind] not in rule or (kind == "imagenet" and not {"pet_indices", "imagenet_names"} <= set(rule)):
+        reads_imagenet = kind == "imagenet" or "imagenet_output" in rule
+        if RULE_CUTS[kind] not in rule or (reads_imagenet and not {"pet_indices", "imagenet_names"} <= set(rule)):
             raise BundleError(f"{where} {kind!r} lacks its cut or its ImageNet indices and names")
-        output = rule.get("output", RULE_OUTPUTS[kind])
-        if output is not None and output not in self._outputs:
-            raise BundleError(f"{where} {kind!r} reads {output!r}, which the graph does not output")
-        return output
+        if kind == "calibrated" and not {"learned", "bias"} <= set(rule.get("weights", {})):
+            raise BundleError(f"{where} 'calibrated' lacks its weights")
+        outputs = [o for o in (rule.get("output", RULE_OUTPUTS[kind]), rule.get("imagenet_output")) if o]
+        for output in outputs:
+            if output not in self._outputs:
+                raise BundleError(f"{where} {kind!r} reads {output!r}, which the graph does not output")
+        return outputs
 
     @property
     def neither_cuts(self) -> list[dict]:
         """What a client needs to know of the "neither" rules: each one's kind and cut (`blank`: the photo's
-        standard deviation in every colour channel at most it, of 255; `learned`: the model's "neither" score
-        above it; `imagenet`: the classes' ImageNet probability below it)."""
+        standard deviation in every colour channel at most it, of 255; `calibrated`: the probability of "neither"
+        above it; `learned`: the model's "neither" score above it; `imagenet`: the classes' ImageNet probability
+        below it)."""
         return [{"kind": rule["kind"], "cut": float(rule[RULE_CUTS[rule["kind"]]])} for rule in self.neither_rules]
 
     def __repr__(self) -> str:
@@ -189,40 +202,60 @@ class Classifier:
         for i, (source, probabilities) in enumerate(zip(sources, outputs[0], strict=True)):
             per_class = {c: float(p) for c, p in zip(self.classes, probabilities, strict=True)}
             label, confidence = self.label(probabilities)
-            neither = self._neither(by_name, images[i], i)
-            reason = None
-            if neither:
-                label, (confidence, reason) = NEITHER, neither
+            neither, fired, reason = self._neither(by_name, images[i], i)
+            if fired:
+                label, confidence = NEITHER, neither
+            elif neither is not None:
+                confidence *= 1 - neither
             heat = _heatmap(outputs[-1][i], self.classes, per_class) if explain else None
-            out.append(Prediction(source, label, confidence, per_class, reason=reason, heatmap=heat))
+            out.append(Prediction(source, label, confidence, per_class, reason=reason, neither_probability=neither,
+                                  heatmap=heat))
         return out
 
-    def _neither(self, outputs: dict[str, np.ndarray], image: np.ndarray, i: int) -> tuple[float, str] | None:
-        """Confidence and reason of the first "neither" rule that fires on photo `i` (`image`, as decoded), or None
-        when none does."""
+    def _neither(self, outputs: dict[str, np.ndarray], image: np.ndarray,
+                 i: int) -> tuple[float | None, bool, str | None]:
+        """(probability that photo `i` (`image`, as decoded) shows none of the classes, whether a rule answers
+        "neither", why): the first rule that fires gives both; when none fires, the highest probability of the
+        rules that read the model. (None, False, None) for a model without rules.
+
+        Each rule's probability is 0.5 at its cut: `calibrated` is a logistic regression fitted on held-out photos
+        with its cut folded into the bias; `learned` and `imagenet` (earlier bundles) are their score's odds over
+        their cut's; a blank photo is certain."""
         none_of = f"none of {', '.join(self.classes)}"
-        for rule, output, pet_indices in zip(self.neither_rules, self._rule_outputs, self._pet_indices, strict=True):
-            if rule["kind"] == "blank":
+        probability = None
+        for rule, names, pet_indices in zip(self.neither_rules, self._rule_outputs, self._pet_indices, strict=True):
+            kind = rule["kind"]
+            if kind == "blank":
                 if flat_photos(image[None], rule["max_std"])[0]:
-                    return 1.0, f"{none_of}: the photo is blank (one flat colour)"
-            elif rule["kind"] == "learned":
-                score = float(outputs[output][i].reshape(-1)[0])
-                if score > rule["max"]:
-                    guess = self._imagenet_guess(outputs, i)
-                    return score, (f"{none_of}: the model's 'neither' score {score:.3g} is above its cut "
-                                   f"{rule['max']:.3g}" + (f"; {guess}" if guess else ""))
+                    return 1.0, True, f"{none_of}: the photo is blank (one flat colour)"
+                continue
+            if kind == "imagenet":
+                pet_mass = float(outputs[names[0]][i][pet_indices].sum())
+                p = float(sigmoid(logit(1 - pet_mass) - logit(1 - rule["min_pet_probability"])))
+                fires = pet_mass < rule["min_pet_probability"]
+                classes = " or ".join(self.classes)
+                why = [f"{self._imagenet_guess(outputs, i)}, {classes} {pet_mass:.1%}"] if fires else []
             else:
-                pet_mass = float(outputs[output][i][pet_indices].sum())
-                if pet_mass < rule["min_pet_probability"]:
-                    return 1.0 - pet_mass, (f"{none_of}: {self._imagenet_guess(outputs, i)}, "
-                                            f"{' or '.join(self.classes)} {pet_mass:.1%}")
-        return None
+                score = float(outputs[names[0]][i].reshape(-1)[0])
+                if kind == "learned":
+                    p, fires = float(sigmoid(logit(score) - logit(rule["max"]))), score > rule["max"]
+                    why = [f"the model's 'neither' score {score:.3g} is above its cut {rule['max']:.3g}"]
+                else:
+                    row = {name: outputs[name][i:i + 1] for name in names}
+                    p = float(sigmoid(calibrated_evidence(rule, row)[0]))
+                    fires, why = p > rule["max"], [f"the model's 'neither' score {score:.3g}"]
+                why.append(self._imagenet_guess(outputs, i) if fires else None)
+            if fires:
+                return p, True, f"{none_of} (probability {p:.0%}): {'; '.join(filter(None, why))}"
+            probability = p if probability is None else max(probability, p)
+        return probability, False, None
 
     def _imagenet_guess(self, outputs: dict[str, np.ndarray], i: int) -> str | None:
         """ImageNet's top guess for photo `i`, when a rule reads the graph's ImageNet head (and has its names)."""
-        for rule, output in zip(self.neither_rules, self._rule_outputs, strict=True):
-            if rule["kind"] == "imagenet":
-                imagenet = outputs[output][i]
+        for rule, names in zip(self.neither_rules, self._rule_outputs, strict=True):
+            imagenet_output = IMAGENET_OUTPUT_NAME if rule["kind"] == "imagenet" else rule.get("imagenet_output")
+            if imagenet_output and imagenet_output in names:
+                imagenet = outputs[imagenet_output][i]
                 top = int(np.argmax(imagenet))
                 return f"ImageNet sees {rule['imagenet_names'][top]!r} ({imagenet[top]:.0%})"
         return None

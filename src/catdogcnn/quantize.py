@@ -26,7 +26,7 @@ from catdogcnn.bundle import (
     read_bundle_metadata,
     write_bundle,
 )
-from catdogcnn.calibration import decide, neither_cut, neither_threshold
+from catdogcnn.calibration import calibrated_evidence, decide, neither_cut, neither_threshold
 from catdogcnn.predict import run_graph
 
 
@@ -118,7 +118,7 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
         return [np.concatenate(parts)
                 for parts in zip(*(run_graph(session, graph_in, outputs, b, tta) for b in batches), strict=True)]
 
-    (original, *_), (int8, *int8_rest) = run_all(float_graph.read_bytes()), run_all(onnx_bytes)
+    (original, *float_rest), (int8, *int8_rest) = run_all(float_graph.read_bytes()), run_all(onnx_bytes)
     labels_float, labels_int8 = decide(original, metadata["threshold"]), decide(int8, metadata["threshold"])
     check_labels = np.asarray(check_labels)
     checked_on = f"{len(check_images)} validation photos" + (", averaged with the mirror image" if tta else "")
@@ -132,18 +132,26 @@ def quantize_bundle(bundle_dir: Path, out_dir: Path, calibration_images: np.ndar
     kept["metrics"] = {**metadata.get("metrics", {}), "val_accuracy": info["val_accuracy_int8"]}
     kept["metrics"].pop("val_log_loss", None)  # a float-graph figure; the int8 graph's differs
     if "neither" in kept:  # the int8 graph's "neither" scores differ slightly: each rule's cut is set again
-        kept["neither"] = _recut_neither(kept["neither"], metadata, dict(zip(outputs[1:], int8_rest, strict=True)))
+        kept["neither"] = _recut_neither(kept["neither"], metadata, dict(zip(outputs[1:], float_rest, strict=True)),
+                                         dict(zip(outputs[1:], int8_rest, strict=True)))
     return write_bundle(out_dir, onnx_bytes, {**kept, "quantization": info}, outputs)
 
 
 
-def _recut_neither(entry: dict, metadata: dict, int8_outputs: dict[str, np.ndarray]) -> dict:
+def _recut_neither(entry: dict, metadata: dict, float_outputs: dict[str, np.ndarray],
+                   int8_outputs: dict[str, np.ndarray]) -> dict:
     """The "neither" rules with their cuts set again on the int8 graph's outputs for the validation photos, to
-    turn away the same share of them as before."""
+    turn away the same share of them as before; a `calibrated` rule, whose cut was also set on photos of other
+    collections, has its bias moved by the median change of its evidence on these photos."""
     rules, flagged = [], False
     for rule in neither_rules(metadata):
         if rule["kind"] == "blank":  # reads the photo, not the graph: nothing to set again
             rules.append(rule)
+        elif rule["kind"] == "calibrated":  # moved by how far int8 moves the evidence of the same photos
+            before, after = calibrated_evidence(rule, float_outputs), calibrated_evidence(rule, int8_outputs)
+            shift = float(np.median(after - before))
+            rules.append({**rule, "weights": {**rule["weights"], "bias": rule["weights"]["bias"] - shift}})
+            flagged = flagged | (after - shift > 0)
         elif rule["kind"] == "imagenet":
             mass = int8_outputs[rule["output"]][:, rule["pet_indices"]].sum(1)
             rules.append({**rule, "min_pet_probability": neither_threshold(mass)})
@@ -153,5 +161,7 @@ def _recut_neither(entry: dict, metadata: dict, int8_outputs: dict[str, np.ndarr
             rules.append({**rule, "max": neither_cut(scores, entry.get("target_pets_flagged", 0.01))})
             flagged = flagged | (scores > rules[-1]["max"])
     # The float graph's figures on held-out "neither" photos are left out: they are not this graph's.
-    return {**{k: v for k, v in entry.items() if k in ("fitted_on", "target_pets_flagged", "photos")},
+    return {**{k: v for k, v in entry.items() if k in ("fitted_on", "target_pets_flagged", "photos", "pet_photos",
+                                                        "chosen")},
             "rules": rules, "val_pets_flagged": float(np.mean(flagged)), "requantized": True}
+

@@ -44,8 +44,9 @@ class BundleLabeller:
         import pyarrow as pa
 
         predictions = self.classifier.predict_many(list(batch["path"]), workers=1)
-        rows = [result_row(p, self.classifier.classes) for p in predictions]
-        return pa.Table.from_pylist(rows, result_schema(result_columns(self.classifier.classes)))
+        neither = bool(self.classifier.neither_rules)
+        rows = [result_row(p, self.classifier.classes, neither) for p in predictions]
+        return pa.Table.from_pylist(rows, result_schema(result_columns(self.classifier.classes, neither)))
 
 
 def label_with_ray(classifier: Classifier, photos: Iterable[str | os.PathLike], output: str | os.PathLike,
@@ -66,7 +67,7 @@ def label_with_ray(classifier: Classifier, photos: Iterable[str | os.PathLike], 
     if not ray.is_initialized():
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    with open_results(output, classifier.classes) as results:
+    with open_results(output, classifier.classes, bool(classifier.neither_rules)) as results:
         already = len(results.done)
         todo = photos_to_do(photos, results.done)
         if not todo:

@@ -3,7 +3,8 @@
     catdogcnn predict photos/ --output labels.csv      # or .jsonl, or .parquet
     label_to_file(load_classifier(), ["photos/"], "labels.csv")
 
-One row per photo: path, label, confidence, p_<class> for every class, error, reason. Rows are written in
+One row per photo: path, label, confidence, p_<class> for every class, p_neither (models that answer "neither"),
+error, reason. Rows are written in
 batches (`flush_every`), each batch whole and fsynced before the next starts, so a crash or kill loses at most
 the batch in hand. A rerun with the same output reads the paths already there and labels only the others: in
 the end every photo is in the file exactly once.
@@ -36,8 +37,11 @@ FORMATS = (".csv", ".jsonl", ".parquet")
 FLUSH_EVERY = 1000  # rows per write: at most this much work is lost to a kill
 
 
-def result_columns(classes: Sequence[str]) -> list[str]:
-    return ["path", "label", "confidence", *(f"p_{c}" for c in classes), "error", "reason"]
+def result_columns(classes: Sequence[str], neither: bool = False) -> list[str]:
+    """The columns of a results file: `p_neither` (the probability of none of the classes) for a model with
+    "neither" rules."""
+    return ["path", "label", "confidence", *(f"p_{c}" for c in classes), *(["p_neither"] if neither else []),
+            "error", "reason"]
 
 
 def result_schema(columns: Sequence[str]):
@@ -48,10 +52,12 @@ def result_schema(columns: Sequence[str]):
                       for c in columns])
 
 
-def result_row(prediction: Prediction, classes: Sequence[str]) -> dict:
+def result_row(prediction: Prediction, classes: Sequence[str], neither: bool = False) -> dict:
+    """A prediction as a row of `result_columns(classes, neither)`."""
     p = prediction
     return {"path": p.source, "label": p.label, "confidence": p.confidence,
-            **{f"p_{c}": p.probabilities.get(c) for c in classes}, "error": p.error, "reason": p.reason}
+            **{f"p_{c}": p.probabilities.get(c) for c in classes},
+            **({"p_neither": p.neither_probability} if neither else {}), "error": p.error, "reason": p.reason}
 
 
 class ResultsFile:
@@ -186,10 +192,10 @@ class ParquetResults(ResultsFile):
         self.done.update(row["path"] for row in rows)
 
 
-def open_results(path: str | os.PathLike, classes: Sequence[str]) -> ResultsFile:
+def open_results(path: str | os.PathLike, classes: Sequence[str], neither: bool = False) -> ResultsFile:
     """The results file at `path` (.csv, .jsonl or .parquet), created or opened to resume."""
     kind = ParquetResults if Path(path).suffix == ".parquet" else LineResults
-    return kind(path, result_columns(classes))
+    return kind(path, result_columns(classes, neither))
 
 
 @dataclass
@@ -222,9 +228,10 @@ def label_to_file(classifier: Classifier, photos: Iterable[str | os.PathLike], o
                   batch_size: int | None = None, flush_every: int = FLUSH_EVERY,
                   on_rows: Callable[[int], None] | None = None) -> LabelSummary:
     """Label photos (files and folders) into `output`, skipping those already there (see the module's notes)."""
-    with open_results(output, classifier.classes) as results:
+    neither = bool(classifier.neither_rules)
+    with open_results(output, classifier.classes, neither) as results:
         already = len(results.done)
         todo = photos_to_do(photos, results.done)
-        rows = (result_row(p, classifier.classes) for p in classifier.predict_many(todo, batch_size))
+        rows = (result_row(p, classifier.classes, neither) for p in classifier.predict_many(todo, batch_size))
         labelled, errors = write_rows(results, rows, flush_every, on_rows)
     return LabelSummary(Path(output), already, labelled, errors)

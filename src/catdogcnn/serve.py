@@ -73,7 +73,8 @@ class PhotoResult(BaseModel):
     filename: str
     label: str | None = None
     confidence: float | None = None
-    probabilities: dict[str, float] | None = None
+    probabilities: dict[str, float] | None = None  # of each class, if the photo shows one of them
+    neither_probability: float | None = None  # that it shows none (models that answer "neither")
     reason: str | None = None
     heatmap: str | None = None  # with ?explain=true: a PNG data URL of where the answer comes from
     time_ms: float
@@ -92,9 +93,9 @@ class HealthResponse(BaseModel):
 
 
 class NeitherRule(BaseModel):
-    kind: Literal["blank", "learned", "imagenet"]  # blank: every colour's standard deviation at most the cut (of
-    cut: float  # 255); learned: the model's "neither" score above the cut; imagenet: the classes' ImageNet
-    # probability below it
+    kind: Literal["blank", "calibrated", "learned", "imagenet"]  # blank: every colour's standard deviation at most
+    cut: float  # the cut (of 255); calibrated: the probability of "neither" above the cut; learned: the model's
+    # "neither" score above it; imagenet: the classes' ImageNet probability below it
 
 
 class NeitherRules(BaseModel):
@@ -263,7 +264,8 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
         if explain and p.heatmap is not None:
             heatmap = await run_in_threadpool(lambda: png_data_url(overlay(image, p.heatmap)))
         return PhotoResult(filename=name, label=p.label, confidence=p.confidence, probabilities=p.probabilities,
-                           reason=p.reason, heatmap=heatmap, time_ms=(time.perf_counter() - started) * 1000)
+                           neither_probability=p.neither_probability, reason=p.reason, heatmap=heatmap,
+                           time_ms=(time.perf_counter() - started) * 1000)
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"])
     async def predict(files: Annotated[list[UploadFile], File(description="One or more photos")],

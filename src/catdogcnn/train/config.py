@@ -112,6 +112,20 @@ class TrainConfig:
                                            "kinds never seen.", FRACTION)
     neither_holdout_photos: float = setting(0.2, "Share of each trained kind's neither photos kept out of training, "
                                             "to measure 'neither' on kinds seen.", FRACTION)
+    pet_photos: str | None = setting(None, "A folder of class sub-folders (cats/, dogs/) of photos of the classes from "
+                                     "other collections, named <breed>_<n>.jpg: trained on beside DATA's (split by "
+                                     "breed); with --neither-photos, the 'neither' cut is set on their held-out "
+                                     "photos too.")
+    pet_repeats: int = setting(4, "Times each --pet-photos photo is seen per epoch (they are few beside DATA's).",
+                               AT_LEAST_1)
+    pet_holdout_breeds: float = setting(0.25, "Share of the pet photos' breeds kept out of training, to measure "
+                                        "pets of breeds never seen.", FRACTION)
+    pet_holdout_photos: float = setting(0.25, "Share of each trained breed's pet photos kept out of training: they "
+                                        "validate, and set the 'neither' cut beside DATA's validation photos.",
+                                        FRACTION)
+    distill: float = setting(1.0, "finetune: weight of keeping the frozen network's ImageNet outputs (distilled at "
+                             "temperature 2 while the last blocks train, 'learning without forgetting'), so that the "
+                             "graph's ImageNet head stays right for the 'neither' rule (0: off).", NOT_NEGATIVE)
     probe_c: float | None = setting(None, "probe: regularisation C (default: chosen on validation).", POSITIVE)
     seed: int = setting(0, "Seed of every random draw: the same seed gives the same model.")
     device: Device = setting("auto", "auto: cuda, else mps, else cpu.")
@@ -159,6 +173,8 @@ class TrainConfig:
         if self.augment_views and augment.mixes:
             raise UserError(f"augment_views caches each photo augmented on its own: augment {self.augment!r} "
                             "blends two photos (mixup, cutmix), which a cached copy cannot hold")
+        if self.pet_photos and self.recipe == "probe":
+            raise UserError("pet_photos is for the full and finetune recipes, not probe")
         if self.neither_photos and self.tta == "on":
             raise UserError("tta on cannot go with neither_photos: the learned neither cut is fitted on single views")
 

@@ -9,6 +9,7 @@ done once, so an epoch of the rest runs at about 120 photos a second.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import math
@@ -28,13 +29,14 @@ from catdogcnn.augment import AugmentConfig, augment_batch, parse_augment
 from catdogcnn.bundle import atomic_write
 from catdogcnn.errors import UserError
 from catdogcnn.models import Normalize, build_model, get_spec
+from catdogcnn.train.calibrate import is_cats_and_dogs
 from catdogcnn.train.checkpoint import check_writable, clear_checkpoints, save_checkpoint
 from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import prepare_data
 from catdogcnn.train.device import use_bf16
 from catdogcnn.train.finish import finish
 from catdogcnn.train.metrics import loss_and_correct, to_batch
-from catdogcnn.train.openset import NeitherPhotos, neither_for
+from catdogcnn.train.openset import NeitherPhotos, PetPhotos, neither_for, pets_for
 from catdogcnn.train.optim import lr_factor, make_optimizer
 
 
@@ -102,6 +104,7 @@ def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoin
     started = time.perf_counter()
     dataset = prepare_data(Path(data_dir), config, image_size, resize, cache_dir)
     neither = neither_for(config, list(dataset.train.paths), image_size, resize)
+    pets = pets_for(config, dataset.summary["classes"], list(dataset.train.paths), image_size, resize)
     options = {"dropout": config.dropout} if config.dropout is not None else {}
     model = build_model(config.model, len(dataset.summary["classes"]), image_size, open_set=neither is not None,
                         **options)
@@ -114,18 +117,29 @@ def train_finetune(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoin
     feature_cache = None if cache_dir is False else Path(cache_dir or D.default_cache_dir())
     augment = parse_augment(config.augment)
     train_x = views_of(prefix, image_size, dataset.train.images, "pets", feature_cache, augment, config.augment_views)
+    labels = dataset.train.labels
+    if pets:  # the other collections' pets join the data set's, seen `pet_repeats` times an epoch
+        train_x = np.concatenate([train_x, views_of(prefix, image_size, pets.images["train"], "pet-photos",
+                                                    feature_cache, augment, config.augment_views)], axis=1)
+        labels = np.concatenate([labels, pets.labels["train"]])
     neither_x = views_of(prefix, image_size, neither.images["train"], "neither", feature_cache, augment,
                        config.augment_views) if neither else None
     val_x = cached_activations(prefix, image_size, dataset.val.images, "val", feature_cache)
     console.print(f"data: {len(dataset.train)} training, {len(dataset.val)} validation photos"
+                  + (f", {len(pets.images['train'])} pet photos of other collections" if pets else "")
                   + (f", {len(neither.images['train'])} 'neither' photos" if neither else "")
                   + f"; frozen blocks cached ({time.perf_counter() - started:.0f} s)")
-    _train_epochs(model, first, config, train_x, dataset.train.labels, neither_x, out_dir, checkpoint, console)
+    repeated = len(pets.images["train"]) if pets else 0
+    _train_epochs(model, first, config, train_x, labels, repeated, neither_x, out_dir, checkpoint, console)
     val_logits = _outputs(model, first, val_x)
     training = {"seconds": time.perf_counter() - started, "epoch": config.epochs, "trained_blocks": config.train_blocks}
+    # Classes other than cats and dogs stand for the ImageNet classes their training photos fall in.
+    train_imagenet = (_outputs(model, first, train_x[0, :len(dataset.train)])[1]
+                      if neither and not is_cats_and_dogs(dataset.summary["classes"]) else None)
     return finish(model, bundle_dir or out_dir / "bundle", config, dataset, training, console,
-                  val_logits=val_logits[:2], val_neither=val_logits[2], neither=neither,
-                  neither_outputs=_neither_outputs(model, first, prefix, image_size, neither, feature_cache))
+                  val_logits=val_logits[:2], val_neither=val_logits[2], neither=neither, pets=pets,
+                  held_out=_held_out_outputs(model, first, prefix, image_size, neither, pets, feature_cache),
+                  train_imagenet=train_imagenet)
 
 
 def views_of(prefix: FrozenPrefix, image_size: int, images: np.ndarray, name: str, cache: Path | None,
@@ -154,23 +168,30 @@ def augmented_copy(images: np.ndarray, augment: AugmentConfig, seed: int, batch_
 
 
 def random_views(rng: np.random.Generator, photos: int, views: int) -> np.ndarray:
-    """Which cached view each photo is seen as this epoch, uniformly at random; with two views a draw below 0.5
-    is the mirror image (view 1), the draws the recipe made before it had augmented views."""
+    """Which cached view each of `photos` places of an epoch's order is seen as, uniformly at random; with two
+    views a draw below 0.5 is the mirror image (view 1)."""
     return views - 1 - (rng.random(photos) * views).astype(int)
 
 
 def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np.ndarray, labels: np.ndarray,
-                  neither_x: np.ndarray | None, out_dir: Path, checkpoint: dict | None, console: Console) -> None:
+                  repeated: int, neither_x: np.ndarray | None, out_dir: Path, checkpoint: dict | None,
+                  console: Console) -> None:
     """Epochs over the class photos and the "neither" photos together, each seen as one of its cached views at
-    random (itself, its mirror image, its augmented copies). BatchNorm keeps its ImageNet statistics (batches of
-    64 would estimate them worse)."""
+    random (itself, its mirror image, its augmented copies); the last `repeated` class photos (other
+    collections') `config.pet_repeats` times. BatchNorm keeps its ImageNet statistics (batches of 64 would
+    estimate them worse). With `config.distill`, the ImageNet head's outputs are pulled towards those of the
+    frozen network the training started from, so that they keep their meaning."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill else None
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith("backbone.") or name.startswith(
             ("backbone._conv_head", "backbone._bn1")) or (name.startswith("backbone._blocks.")
                                                          and int(name.split(".")[2]) >= first)
     model.backbone._fc.requires_grad_(False)
     n_pets, n_neither = len(labels), 0 if neither_x is None else neither_x.shape[1]
-    steps = math.ceil((n_pets + n_neither) / config.batch_size)
+    # Rows of an epoch: every photo once, the other collections' pets again (pet_repeats - 1) times.
+    rows_per_epoch = np.concatenate([np.arange(n_pets + n_neither),
+                                     np.tile(np.arange(n_pets - repeated, n_pets), config.pet_repeats - 1)])
+    steps = math.ceil(len(rows_per_epoch) / config.batch_size)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps))
     start = 0
@@ -187,26 +208,35 @@ def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np
             if isinstance(module, nn.BatchNorm2d):
                 module.eval()
         rng = np.random.default_rng(config.seed * 100_003 + epoch)  # an epoch's draws depend on (seed, epoch) alone
-        order = rng.permutation(n_pets + n_neither)
-        view = random_views(rng, n_pets + n_neither, len(train_x))
+        order = rng.permutation(rows_per_epoch)
+        views = random_views(rng, len(order), len(train_x))  # the view each place of the order is seen as
         began, total = time.perf_counter(), 0.0
         for step in range(steps):
             rows = order[step * config.batch_size:(step + 1) * config.batch_size]
+            view = views[step * config.batch_size:(step + 1) * config.batch_size]
             is_neither = rows >= n_pets
             x = np.empty((len(rows), *train_x.shape[2:]), train_x.dtype)
-            x[~is_neither] = train_x[view[rows[~is_neither]], rows[~is_neither]]
+            x[~is_neither] = train_x[view[~is_neither], rows[~is_neither]]
             if n_neither:
-                x[is_neither] = neither_x[view[rows[is_neither]], rows[is_neither] - n_pets]
+                x[is_neither] = neither_x[view[is_neither], rows[is_neither] - n_pets]
+            x = torch.from_numpy(x).float()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                features = model.dropout(trained_map(model, first, torch.from_numpy(x).float()).mean((2, 3)))
+                pooled = trained_map(model, first, x).mean((2, 3))
+                features = model.dropout(pooled)
                 logits = model.head(features)
                 neither_logit = model.neither(features)[:, 0] if n_neither else None
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher.backbone._fc(trained_map(teacher, first, x).mean((2, 3))).float()
+                    imagenet = model.backbone._fc(pooled).float()
             pets = torch.from_numpy(~is_neither)
             loss = loss_and_correct(logits.float()[pets], torch.from_numpy(labels[rows[~is_neither]]),
                                     config.label_smoothing)[0] / max(1, int(pets.sum()))
             if n_neither:
                 loss = loss + config.neither_weight * F.binary_cross_entropy_with_logits(
                     neither_logit.float(), torch.from_numpy(is_neither).float())
+            if teacher is not None:
+                loss = loss + config.distill * distillation_loss(imagenet, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -218,6 +248,13 @@ def _train_epochs(model: nn.Module, first: int, config: TrainConfig, train_x: np
                                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                               "scheduler": scheduler.state_dict(),
                                               "torch_rng": torch.get_rng_state()})
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Kullback-Leibler divergence of the student's softened outputs from the teacher's, times T^2 (so that its
+    gradients keep their scale whatever T), as "learning without forgetting" distils the old task."""
+    return F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                    reduction="batchmean", log_target=True) * temperature**2
 
 
 @torch.no_grad()
@@ -232,11 +269,18 @@ def _outputs(model: nn.Module, first: int, activations: np.ndarray, batch_size: 
     return tuple(torch.cat(p) if p[0] is not None else None for p in zip(*parts, strict=True))
 
 
-def _neither_outputs(model: nn.Module, first: int, prefix: FrozenPrefix, image_size: int,
-                     neither: NeitherPhotos | None, cache: Path | None) -> dict[str, np.ndarray]:
-    """The "neither" logits of the held-out "neither" photos (kinds seen, kinds never seen), to report."""
+def _held_out_outputs(model: nn.Module, first: int, prefix: FrozenPrefix, image_size: int,
+                      neither: NeitherPhotos | None, pets: PetPhotos | None,
+                      cache: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """("neither" logits, ImageNet logits) of the held-out photos of other collections: `neither-seen`,
+    `neither-unseen` (kinds seen, never seen), `pets-seen`, `pets-unseen` (breeds seen, never seen)."""
     if neither is None or model.neither is None:
         return {}
-    return {role: _outputs(model, first, cached_activations(prefix, image_size, neither.images[role],
-                                                            f"neither-{role}", cache))[2].numpy()[:, 0]
-            for role in ("seen", "unseen") if len(neither.images[role])}
+    out = {}
+    for name, photos in (("neither", neither), ("pets", pets)):
+        for role in ("seen", "unseen"):
+            if photos is not None and len(photos.images[role]):
+                _, imagenet, logits = _outputs(model, first, cached_activations(
+                    prefix, image_size, photos.images[role], f"{name}-{role}", cache))
+                out[f"{name}-{role}"] = (logits.numpy()[:, 0], imagenet.numpy())
+    return out

@@ -19,26 +19,31 @@ from catdogcnn.train.calibrate import (
     calibrate,
     calibrate_neither,
     choose_tta,
+    imagenet_indices,
     is_cats_and_dogs,
-    learned_neither_rule,
+    neither_rule,
 )
 from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import TrainingData
 from catdogcnn.train.metrics import logits_metrics, predict_logits
-from catdogcnn.train.openset import NeitherPhotos
+from catdogcnn.train.openset import NeitherPhotos, PetPhotos
 
 
 def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: TrainingData, training: dict,
            console: Console, val_logits: tuple[torch.Tensor, torch.Tensor | None] | None = None,
            val_neither: torch.Tensor | None = None, neither: NeitherPhotos | None = None,
-           neither_outputs: dict[str, np.ndarray] | None = None) -> Path:
+           pets: PetPhotos | None = None, held_out: dict[str, tuple] | None = None,
+           train_imagenet: torch.Tensor | None = None) -> Path:
     """Final validation metrics, the "neither" rule, and the bundle.
 
     `val_logits` (class logits, ImageNet logits) skips the pass over the validation photos when known. A model
-    that learned "neither" (`val_neither`: its logits on the validation photos) carries that rule, its cut
-    chosen on the validation photos; one with an ImageNet head and cats and dogs for classes carries the
-    ImageNet rule instead. `neither_outputs` ("seen"/"unseen" -> logits of held-out "neither" photos) adds
-    how many of those the rule catches.
+    that learned "neither" (`val_neither`: its logits on the validation photos) carries that rule
+    (`calibrate.neither_rule`), its cut chosen on the validation photos and on `pets`' held-out photos of
+    trained breeds; one with an ImageNet head and cats and dogs for classes carries the ImageNet rule instead.
+    `held_out` ("neither-seen", "neither-unseen", "pets-seen", "pets-unseen" -> ("neither" logits, ImageNet
+    logits or None) of the held-out photos of other collections) fits and measures the rule;
+    `train_imagenet` (ImageNet logits of the training photos) chooses the ImageNet classes that stand for
+    classes other than cats and dogs.
     """
     spec = get_spec(config.model)
     image_size = config.image_size or spec.image_size
@@ -53,8 +58,10 @@ def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tra
                                                           with_imagenet=with_neither, with_neither=learned)
         val_logits, val_neither = (logits, imagenet), learned_logits if learned else val_neither
     if learned:
-        neither_outputs = {role: predict_logits(model, normalize, neither.images[role], cpu, with_neither=True)[2]
-                           .numpy()[:, 0] for role in ("seen", "unseen") if neither and len(neither.images[role])}
+        held_out = {f"{name}-{role}": (predict_logits(model, normalize, photos.images[role], cpu,
+                                                      with_neither=True)[2].numpy()[:, 0], None)
+                    for name, photos in (("neither", neither), ("pets", pets)) for role in ("seen", "unseen")
+                    if photos and len(photos.images[role])}
     calibration = calibrate(model, val_logits[0].numpy(), dataset.val.labels)
     val_logits = (val_logits[0] / calibration["temperature"], *val_logits[1:])
     final = logits_metrics(val_logits[0], dataset.val.labels)
@@ -78,17 +85,29 @@ def finish(model: nn.Module, bundle_dir: Path, config: TrainConfig, dataset: Tra
         "data": dataset.summary,
     }
     if val_neither is not None:
-        metadata["neither"] = learned_neither_rule(val_neither, config.neither_pets_flagged, neither,
-                                                   neither_outputs or {})
+        imagenet = val_logits[1] if len(val_logits) > 1 else None
+        indices = imagenet_indices(dataset.summary["classes"], train_imagenet) if imagenet is not None else None
+        photos = {"photos": neither.summary if neither else None, "pet_photos": pets.summary if pets else None}
+        metadata["neither"] = neither_rule(val_neither, imagenet, held_out or {}, config.neither_pets_flagged,
+                                           indices, photos)
+        _report_neither(metadata["neither"], console)
     elif with_neither:
         metadata["neither"] = {"rules": [calibrate_neither(val_logits[1])], "fitted_on": "validation photos"}
     if "neither" in metadata:  # a model that can answer "neither" answers it for a blank photo first
         metadata["neither"]["rules"].insert(0, dict(BLANK_RULE))
     # The folder of "neither" photos by name only: no path of the machine that trained it.
     metadata["training"]["config"]["neither_photos"] = neither.summary["folder"] if neither else None
+    metadata["training"]["config"]["pet_photos"] = pets.summary["folder"] if pets else None
     parity = np.asarray(dataset.val.images[: min(16, len(dataset.val))])
     bundle = export_bundle(model, bundle_dir, image_size=image_size, mean=spec.mean, std=spec.std,
                            parity_images=parity, metadata=metadata)
     console.print(f"bundle written to {bundle} (val accuracy {final['accuracy']:.4f}, "
                   f"val log loss {final['loss']:.4f}{', averaged with the mirror image' if tta['used'] else ''})")
     return bundle
+
+
+def _report_neither(entry: dict, console: Console) -> None:
+    """Each candidate rule's share of validation pets and held-out photos answered "neither"."""
+    for name, figures in entry["candidates"].items():
+        console.print(f"'neither' rule {name}{' (chosen)' if name == entry['chosen'] else ''}: "
+                      + ", ".join(f"{role} {share:.2%}" for role, share in figures.items()))

@@ -43,7 +43,7 @@ from catdogcnn.train.distributed import end_training, init_distributed, leave, w
 from catdogcnn.train.finetune import train_finetune
 from catdogcnn.train.finish import finish
 from catdogcnn.train.metrics import evaluate_arrays, loss_and_correct, soft_targets, to_batch
-from catdogcnn.train.openset import neither_for
+from catdogcnn.train.openset import neither_for, pets_for, with_pet_photos
 from catdogcnn.train.optim import lr_factor, make_optimizer
 from catdogcnn.train.probe import check_probe_request, train_probe
 from catdogcnn.train.run import Run
@@ -98,6 +98,12 @@ def _set_up(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict
                   f"({time.perf_counter() - started:.1f} s)")
 
     neither = neither_for(config, list(dataset.train.paths), image_size, config.resize or spec.resize)
+    pets = pets_for(config, classes, list(dataset.train.paths), image_size, config.resize or spec.resize)
+    if pets:  # the other collections' pets join the training photos, `pet_repeats` times each
+        dataset.train = with_pet_photos(dataset.train, pets, config.pet_repeats)
+        console.print(f"pet photos of other collections: {len(pets.images['train'])} to learn from "
+                      f"(each {config.pet_repeats} times an epoch), "
+                      f"{len(pets.images['seen']) + len(pets.images['unseen'])} held out")
     if neither:
         console.print(f"'neither': {len(neither.images['train'])} photos to learn from, "
                       f"{len(neither.images['seen']) + len(neither.images['unseen'])} held out to measure")
@@ -116,7 +122,8 @@ def _set_up(data_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict
     run = Run(config=config, out_dir=out_dir, dataset=dataset, device=device, model=model, trained=trained,
               normalize=Normalize(spec.mean, spec.std).to(device), optimizer=optimizer, scheduler=scheduler,
               augment=augment, augment_rng=augment_rng, ema=ema, use_amp=use_bf16(config.precision, device),
-              rank=rank, world=world, per_process=per_process, steps=steps, console=console, neither=neither)
+              rank=rank, world=world, per_process=per_process, steps=steps, console=console, neither=neither,
+              pets=pets)
     if checkpoint:
         run.restore(checkpoint, out_dir / "last.pt")
     if run.lead:
@@ -246,6 +253,6 @@ def _finish_run(run: Run, bundle_dir: Path, export: bool) -> Path | None:
         training = {"seconds": sum(json.loads(line)["seconds"] for line in records), "epoch": chosen["epoch"],
                     "distributed": distributed}
         return finish(run.validated_model, bundle_dir, run.config, run.dataset, training, run.console,
-                      neither=run.neither)
+                      neither=run.neither, pets=run.pets)
     finally:
         leave(run.world)

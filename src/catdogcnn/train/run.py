@@ -14,7 +14,7 @@ from catdogcnn.augment import AugmentConfig
 from catdogcnn.errors import UserError
 from catdogcnn.train.config import TrainConfig
 from catdogcnn.train.dataset import TrainingData
-from catdogcnn.train.openset import NeitherPhotos
+from catdogcnn.train.openset import NeitherPhotos, PetPhotos
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Run:
     steps: int  # steps per epoch
     console: Console
     neither: NeitherPhotos | None = None  # photos of none of the classes, learned as "neither"
+    pets: PetPhotos | None = None  # photos of the classes from other collections (their held-out ones)
     start_epoch: int = 0
     best_accuracy: float = -1.0
 
