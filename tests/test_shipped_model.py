@@ -81,8 +81,9 @@ def test_flip_tta_averages_the_two_views(tmp_path):
 def test_shipped_model_on_the_real_test_set(shipped, real_data):
     result = evaluate(real_data, shipped)
     assert result["n"] == 2000
-    assert result["accuracy"] >= 0.985 and result["log_loss"] <= 0.05, result  # docs/results.md has the figures
-    assert result["neither"]["pets_flagged"] <= 0.025
+    # docs/results.md's figures, within two photos (int8 kernels differ slightly from one processor to another)
+    assert abs(round(result["accuracy"] * 2000) - 1982) <= 2 and result["log_loss"] <= 0.025, result
+    assert abs(round(result["neither"]["pets_flagged"] * 2000) - 15) <= 2, result["neither"]
 
 
 @pytest.mark.slow
