@@ -66,3 +66,50 @@ def test_rewriting_a_bundle_keeps_it_consistent(tiny_bundle, tmp_path):
     assert len(list(copy.glob("model-*.onnx"))) == 1
     rewritten = read_bundle_metadata(copy)
     assert rewritten["threshold"] == 0.7 and read_graph(copy, rewritten) == graph_bytes
+
+
+def _broken(meta: dict, keys: tuple, value) -> dict:
+    """A deep copy of `meta` with the field at `keys` set to `value` (or removed, for `...`)."""
+    meta = json.loads(json.dumps(meta))
+    parent = meta
+    for key in keys[:-1]:
+        parent = parent[key]
+    if value is ...:
+        del parent[keys[-1]]
+    else:
+        parent[keys[-1]] = value
+    return meta
+
+
+@pytest.mark.parametrize(("keys", "value", "words"), [
+    (("graph", "sha256"), ..., "lacks 'graph.sha256'"),
+    (("input", "image_size"), ..., "lacks 'input.image_size'"),
+    (("input", "image_size"), "64", "'input.image_size' must be a whole number of pixels, not '64'"),
+    (("classes",), ["cats"], "'classes' must name two classes or more"),
+    (("graph", "file"), "../model.onnx", "'graph.file' must be a file name beside it, not '../model.onnx'"),
+    (("graph", "outputs"), "probabilities", "'graph.outputs' must be a list"),
+    (("threshold",), True, "'threshold' must be a number, not True"),
+])
+def test_a_bundle_missing_a_field_is_one_line_naming_it(tiny_bundle, tmp_path, keys, value, words):
+    copy = shutil.copytree(tiny_bundle, tmp_path / "copy")
+    meta = json.loads((copy / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps(_broken(meta, keys, value)))
+    with pytest.raises(BundleError, match=rf"^{copy / 'bundle.json'}: bundle metadata.*{words}") as info:
+        read_bundle_metadata(copy)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("keys", "value", "words"), [
+    (("classes",), ["cats", "dogs", "birds"], "'classes' names 3 classes, but model-.* gives 2 probabilities"),
+    (("graph", "outputs"), ["probabilities", "neither_probability"],
+     "'graph.outputs' names neither_probability, which"),
+    (("graph", "input"), "pixels", "'graph.input' 'pixels' is not an input of model-"),
+])
+def test_a_bundle_whose_graph_does_not_match_it_is_refused_on_load(tiny_bundle, tmp_path, keys, value, words):
+    from catdogcnn.predict import Classifier
+
+    copy = shutil.copytree(tiny_bundle, tmp_path / "copy")
+    meta = json.loads((copy / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps(_broken(meta, keys, value)))
+    with pytest.raises(BundleError, match=rf"^{copy / 'bundle.json'}: {words}"):
+        Classifier(copy)

@@ -124,10 +124,44 @@ def read_bundle_metadata(bundle: str | os.PathLike) -> dict:
                           f"shipped bundle's name: {', '.join(shipped_bundle_names())})") from None
     except (OSError, ValueError) as e:
         raise BundleError(f"{meta_path}: unreadable bundle metadata ({e})") from None
-    for key in ("classes", "input", "graph", "threshold"):
-        if key not in metadata:
-            raise BundleError(f"{meta_path}: bundle metadata lacks {key!r}")
+    check_metadata(metadata, meta_path)
     return metadata
+
+
+# Every field a reader of a bundle needs, with the type it must have: (path of keys, type, what it is).
+REQUIRED_FIELDS = [
+    (("classes",), list, "a list of class names"),
+    (("threshold",), (int, float), "a number"),
+    (("input",), dict, "an object"),
+    (("input", "image_size"), int, "a whole number of pixels"),
+    (("graph",), dict, "an object"),
+    (("graph", "file"), str, "a file name"),
+    (("graph", "sha256"), str, "a sha256 in hex"),
+    (("graph", "input"), str, "the graph's input name"),
+    (("graph", "outputs"), list, "a list of the graph's output names"),
+]
+
+
+def check_metadata(metadata: dict, where: os.PathLike | str) -> None:
+    """BundleError (one line naming the field) unless `metadata` has every field a reader needs, of its type,
+    with at least two classes, a positive image size and a graph file that is a bare name beside bundle.json."""
+    if not isinstance(metadata, dict):
+        raise BundleError(f"{where}: bundle metadata is not a JSON object")
+    for keys, kind, what in REQUIRED_FIELDS:
+        value, name = metadata, ".".join(keys)
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                raise BundleError(f"{where}: bundle metadata lacks {name!r}")
+            value = value[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BundleError(f"{where}: bundle metadata's {name!r} must be {what}, not {value!r}")
+    if len(metadata["classes"]) < 2 or not all(isinstance(c, str) and c for c in metadata["classes"]):
+        raise BundleError(f"{where}: bundle metadata's 'classes' must name two classes or more")
+    if metadata["input"]["image_size"] < 1:
+        raise BundleError(f"{where}: bundle metadata's 'input.image_size' must be positive")
+    file = metadata["graph"]["file"]
+    if not file or Path(file).name != file or file in (".", ".."):
+        raise BundleError(f"{where}: bundle metadata's 'graph.file' must be a file name beside it, not {file!r}")
 
 
 def graph_path(bundle: str | os.PathLike, metadata: dict) -> Path:

@@ -131,6 +131,7 @@ class Classifier:
             raise BundleError(f"{graph}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
         self._input = self.metadata["graph"]["input"]
         self._outputs = list(self.metadata["graph"]["outputs"])
+        self._check_graph(graph)
         # "Neither" (none of the classes): the bundle's rules, each with the graph output it reads.
         self.neither_rules: list[dict] = neither_rules(self.metadata) if neither else []
         self._rule_outputs = [self._rule_output(rule) for rule in self.neither_rules]
@@ -138,6 +139,29 @@ class Classifier:
         self._outputs_used = list(dict.fromkeys([OUTPUT_NAME, *(o for outs in self._rule_outputs for o in outs)]))
         self.can_explain = ACTIVATION_OUTPUT_NAME in self._outputs
         self.warm_up(1)
+
+    def _check_graph(self, graph: Path) -> None:
+        """BundleError unless the graph takes bundle.json's input (uint8 photos of `image_size`) and gives its
+        outputs, the class probabilities one per class: a bundle whose classes do not match its graph would
+        load, then fail every photo."""
+        where = f"{self.bundle / METADATA_FILE if self.bundle.is_dir() else self.bundle}"
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if self._input not in inputs:
+            raise BundleError(f"{where}: 'graph.input' {self._input!r} is not an input of {graph.name} "
+                              f"({', '.join(inputs)})")
+        size = inputs[self._input][1:3]
+        if all(isinstance(d, int) for d in size) and size != [self.image_size] * 2:
+            raise BundleError(f"{where}: 'input.image_size' {self.image_size} is not the size {graph.name} takes "
+                              f"({inputs[self._input][1]}x{inputs[self._input][2]})")
+        missing = [name for name in self._outputs if name not in outputs]
+        if missing or OUTPUT_NAME not in self._outputs:
+            raise BundleError(f"{where}: 'graph.outputs' names {', '.join(missing or [OUTPUT_NAME])}, which "
+                              f"{graph.name} does not output")
+        width = outputs[OUTPUT_NAME][-1]
+        if isinstance(width, int) and width != len(self.classes):
+            raise BundleError(f"{where}: 'classes' names {len(self.classes)} classes, but {graph.name} gives "
+                              f"{width} probabilities")
 
     def _rule_output(self, rule: dict) -> list[str]:
         """The graph outputs a "neither" rule reads (none: the photo); BundleError when bundle.json's rule cannot be
