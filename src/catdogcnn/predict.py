@@ -222,11 +222,12 @@ class Classifier:
             raise BundleError(f"{self.bundle}: this model has no class activation output, so no heat maps")
         outputs = self._run(images, explain)
         by_name = dict(zip(self._outputs_used, outputs, strict=False))
+        rule_scores = self._rule_scores(by_name)
         out = []
         for i, (source, probabilities) in enumerate(zip(sources, outputs[0], strict=True)):
             per_class = {c: float(p) for c, p in zip(self.classes, probabilities, strict=True)}
             label, confidence = self.label(probabilities)
-            neither, fired, reason = self._neither(by_name, images[i], i)
+            neither, fired, reason = self._neither(by_name, rule_scores, images[i], i)
             if fired:
                 label, confidence = NEITHER, neither
             elif neither is not None:
@@ -236,40 +237,49 @@ class Classifier:
                                   heatmap=heat))
         return out
 
-    def _neither(self, outputs: dict[str, np.ndarray], image: np.ndarray,
-                 i: int) -> tuple[float | None, bool, str | None]:
-        """(probability that photo `i` (`image`, as decoded) shows none of the classes, whether a rule answers
-        "neither", why): the first rule that fires gives both; when none fires, the highest probability of the
-        rules that read the model. (None, False, None) for a model without rules.
+    def _rule_scores(self, outputs: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        """For each "neither" rule, over the whole batch: (its probability of "neither", whether it fires, the
+        score it reads); None for `blank`, which reads each photo.
 
         Each rule's probability is 0.5 at its cut: `calibrated` is a logistic regression fitted on held-out photos
         with its cut folded into the bias; `learned` and `imagenet` (earlier bundles) are their score's odds over
-        their cut's; a blank photo is certain."""
+        their cut's."""
+        scores: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+        for rule, names, pet_indices in zip(self.neither_rules, self._rule_outputs, self._pet_indices, strict=True):
+            if rule["kind"] == "blank":
+                scores.append(None)
+            elif rule["kind"] == "imagenet":
+                cut = rule["min_pet_probability"]
+                pet_mass = outputs[names[0]][:, pet_indices].sum(1)
+                scores.append((sigmoid(logit(1 - pet_mass) - logit(1 - cut)), pet_mass < cut, pet_mass))
+            else:
+                score = outputs[names[0]].reshape(len(outputs[names[0]]), -1)[:, 0]
+                p = (sigmoid(logit(score) - logit(rule["max"])) if rule["kind"] == "learned"
+                     else sigmoid(calibrated_evidence(rule, outputs)))
+                scores.append((p, (score if rule["kind"] == "learned" else p) > rule["max"], score))
+        return scores
+
+    def _neither(self, outputs: dict[str, np.ndarray], rule_scores: list, image: np.ndarray,
+                 i: int) -> tuple[float | None, bool, str | None]:
+        """(probability that photo `i` (`image`, as decoded) shows none of the classes, whether a rule answers
+        "neither", why): the first rule that fires gives both (a blank photo is certain); when none fires, the
+        highest probability of the rules that read the model. (None, False, None) for a model without rules."""
         none_of = f"none of {', '.join(self.classes)}"
         probability = None
-        for rule, names, pet_indices in zip(self.neither_rules, self._rule_outputs, self._pet_indices, strict=True):
-            kind = rule["kind"]
-            if kind == "blank":
+        for rule, scores in zip(self.neither_rules, rule_scores, strict=True):
+            if scores is None:
                 if flat_photos(image[None], rule["max_std"])[0]:
                     return 1.0, True, f"{none_of}: the photo is blank (one flat colour)"
                 continue
-            if kind == "imagenet":
-                pet_mass = float(outputs[names[0]][i][pet_indices].sum())
-                p = float(sigmoid(logit(1 - pet_mass) - logit(1 - rule["min_pet_probability"])))
-                fires = pet_mass < rule["min_pet_probability"]
-                classes = " or ".join(self.classes)
-                why = [f"{self._imagenet_guess(outputs, i)}, {classes} {pet_mass:.1%}"] if fires else []
-            else:
-                score = float(outputs[names[0]][i].reshape(-1)[0])
-                if kind == "learned":
-                    p, fires = float(sigmoid(logit(score) - logit(rule["max"]))), score > rule["max"]
-                    why = [f"the model's 'neither' score {score:.3g} is above its cut {rule['max']:.3g}"]
-                else:
-                    row = {name: outputs[name][i:i + 1] for name in names}
-                    p = float(sigmoid(calibrated_evidence(rule, row)[0]))
-                    fires, why = p > rule["max"], [f"the model's 'neither' score {score:.3g}"]
-                why.append(self._imagenet_guess(outputs, i) if fires else None)
+            p, fires, score = float(scores[0][i]), bool(scores[1][i]), float(scores[2][i])
             if fires:
+                if rule["kind"] == "imagenet":
+                    why = [f"{self._imagenet_guess(outputs, i)}, {' or '.join(self.classes)} {score:.1%}"]
+                elif rule["kind"] == "learned":
+                    why = [f"the model's 'neither' score {score:.3g} is above its cut {rule['max']:.3g}",
+                           self._imagenet_guess(outputs, i)]
+                else:
+                    why = [f"the model's 'neither' score {score:.3g}", self._imagenet_guess(outputs, i)]
                 return p, True, f"{none_of} (probability {p:.0%}): {'; '.join(filter(None, why))}"
             probability = p if probability is None else max(probability, p)
         return probability, False, None

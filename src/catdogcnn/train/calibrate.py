@@ -99,8 +99,8 @@ def neither_rule(val_neither: torch.Tensor, val_imagenet: torch.Tensor | None, h
 
     The rule is a logistic regression of "neither" on the evidence (`calibrated`), fitted on the validation pets
     against the held-out "neither" photos of kinds seen (`held_out["neither-seen"]`; pets and "neither" weighted
-    equally, each pet collection equally), its cut folded into the bias: the answer is "neither" when that
-    probability is above 0.5, so the answer is always the likelier one and its probability is its confidence.
+    equally, each pet collection equally), its cut folded into the bias: the answer is "neither" exactly when
+    that probability is above one half, and it is then the answer's confidence.
     Two candidates, each measured on every held-out set: `learned`, on the learned logit alone; `combined`, on it
     and the ImageNet head's log-odds of the classes' ImageNet `indices` (a model with an ImageNet head), which
     knows breeds the "neither" head never saw. The combined one ships when there is one. Without held-out
