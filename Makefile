@@ -9,7 +9,7 @@ NEITHER ?= $(or $(CATDOGCNN_NEITHER),../shared/data/not_pets)
 PETS ?= $(or $(CATDOGCNN_PETS),../shared/data/pet_breeds)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install serve predict test engines browser postgres fuzz lint bench model seed-model scratch-model clean
+.PHONY: install serve predict test engines browser postgres docs fuzz lint bench model seed-model scratch-model clean
 
 install: $(VENV)/.installed-all
 
@@ -52,6 +52,10 @@ postgres:
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1; } || \
 		echo "could not install postgresql: the shared-study test will be skipped"; }
 
+## docs/cli.md, from the command line's own help (a test checks that it matches).
+docs: $(VENV)/.installed-core
+	$(BIN)/typer catdogcnn.cli utils docs --name catdogcnn --title "Command reference" --output docs/cli.md
+
 fuzz: install
 	CATDOGCNN_FUZZ_EXAMPLES=$${CATDOGCNN_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
@@ -80,7 +84,7 @@ seed-model: install
 
 scratch-model: install
 	$(BIN)/catdogcnn train $(DATA) --config configs/resnet_small.json --neither-photos $(NEITHER) \
-		--out runs/resnet_small --overwrite --seed 0 --bundle models/resnet_small
+		--pet-photos $(PETS) --out runs/resnet_small --overwrite --seed 0 --bundle models/resnet_small
 
 ## The default: EfficientNet-Lite2 at 280 px, its last 3 blocks and head fine-tuned on the cached output of the
 ## frozen ones (the photo, its mirror image and 4 random resized crops of it), with the pets of many breeds of

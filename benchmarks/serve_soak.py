@@ -3,13 +3,13 @@
     python benchmarks/serve_soak.py --data ../shared/data/cats_vs_dogs [--minutes 10] [--clients 32] [--workers 1]
 
 The server (`catdogcnn serve`, shipped model, its default limits) runs in its own process on a free loopback
-port. `--clients` clients (asyncio + httpx, one photo per request, on the same machine) post test_set photos;
-one upload in ten (`--bad-share`) is bad, in turn: not an image (415), a truncated JPEG (422), over the
-upload limit (413), a decompression bomb (422). `--stalled` more clients each send half an upload and then
-nothing, again and again: the server must cut them off (408 after its request timeout) and keep serving the
-others. A wrong answer is a good photo labelled otherwise than the same model labels it in this process, or a
-bad upload answered with another status than the one above. Resident memory (the server and its workers)
-is sampled every 10 s: the end against the end of the first minute shows whether it grows.
+port. `--clients` clients (asyncio + httpx, one photo per request, on the same machine) post test_set photos; one
+upload in ten (`--bad-share`) is bad, in turn: not an image (415), a truncated JPEG (422), over the upload limit
+(413), a decompression bomb (413: too many pixels). `--stalled` more clients each send half an upload and then
+nothing, again and again: the server must cut them off (408 after its request timeout) and keep serving the others.
+A wrong answer is a good photo labelled otherwise than the same model labels it in this process, or a bad upload
+answered with another status than the one above. Resident memory (the server and its workers) is sampled every 10
+s: the end against the end of the first minute shows whether it grows.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def bad_uploads(jpeg: bytes) -> list[tuple[str, bytes, int]]:
     """(file name, bytes, expected status) of each kind of bad upload."""
     return [("notes.jpg", b"this is not a photo\n" * 50, 415), ("truncated.jpg", jpeg[: len(jpeg) // 3], 422),
             ("huge.jpg", b"\xff\xd8" + os.urandom(OVERSIZE_MB * 1_000_000), 413),
-            ("bomb.png", png_with_size(40_000, 40_000), 422)]
+            ("bomb.png", png_with_size(40_000, 40_000), 413)]
 
 
 def resident_mb(pid: int) -> float:

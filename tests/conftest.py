@@ -12,7 +12,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -356,15 +360,11 @@ def bf16_conv_kernel(cpu_kernels):
                     "convolution there)")
 
 
-@pytest.fixture(scope="session")
-def jpeg_bytes():
+def jpeg_bytes(seed: int = 0, size: int = 96, mode: str = "RGB") -> bytes:
     """JPEG bytes of a synthetic photo: class `seed % 2`, drawn from `seed`."""
-    def encode(seed: int = 0, size: int = 96, mode: str = "RGB") -> bytes:
-        buffer = io.BytesIO()
-        synthetic_photo(seed % 2, np.random.default_rng(seed), size).convert(mode).save(buffer, "JPEG")
-        return buffer.getvalue()
-
-    return encode
+    buffer = io.BytesIO()
+    synthetic_photo(seed % 2, np.random.default_rng(seed), size).convert(mode).save(buffer, "JPEG")
+    return buffer.getvalue()
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -392,7 +392,7 @@ def _as_fixture(helper):
 
 
 # The helpers as fixtures of the same names (the module-level functions stay for code that still imports them).
-for _helper in (synthetic_photo, make_class_folder, write_bad_files, png_with_size, run_cli):
+for _helper in (synthetic_photo, make_class_folder, write_bad_files, png_with_size, run_cli, jpeg_bytes):
     globals()[f"_{_helper.__name__}_fixture"] = _as_fixture(_helper)
 
 
@@ -401,3 +401,63 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(*options: str, env: dict | None = None, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`catdogcnn serve OPTIONS` in a process of its own on a free loopback port, once its health answers 200:
+    (process, URL). The caller stops it."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "catdogcnn", "serve", "--port", str(port), *options],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout_s
+    while True:
+        assert server.poll() is None, server.stdout.read()
+        assert time.time() < deadline, "the server did not start"
+        try:
+            with urllib.request.urlopen(f"{url}/v1/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return server, url
+        except OSError:
+            time.sleep(0.2)
+
+
+@contextmanager
+def live_app(app) -> Iterator[str]:
+    """An ASGI app served by uvicorn in a thread on a free loopback port, for tests that speak raw HTTP: its URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           timeout_keep_alive=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+@contextmanager
+def chromium() -> Iterator:
+    """Debian's headless Chromium driven by Playwright; the test skips, saying why, where either is missing."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright for Python drives the browser")
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (Debian packages chromium, chromium-driver; `make browser`)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()

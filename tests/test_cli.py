@@ -14,16 +14,49 @@ import pytest
 from PIL import Image
 
 
-def test_predict_formats_and_exit_code(tiny_bundle, tmp_path, make_class_folder, run_cli):
-    make_class_folder(tmp_path / "photos", 3)
-    table = run_cli("predict", tmp_path / "photos", "--model", tiny_bundle)
-    assert table.returncode == 0, table.stderr
-    assert len(table.stdout.splitlines()) == 6
-    rows = list(csv.DictReader(io.StringIO(run_cli("predict", tmp_path / "photos", "--model", tiny_bundle,
-                                                   "--format", "csv").stdout)))
-    assert len(rows) == 6 and {"path", "label", "confidence", "p_cats", "p_dogs"} <= set(rows[0])
-    lines = run_cli("predict", tmp_path / "photos", "--model", tiny_bundle, "--format", "json").stdout.splitlines()
-    assert all(json.loads(line)["label"] in ("cats", "dogs") for line in lines)
+def test_predict_formats_agree_with_each_other_and_with_results_files(tiny_bundle, tmp_path, make_class_folder,
+                                                                      run_cli):
+    """table, csv and json name the same label for every photo; json and csv are the rows that --output writes
+    to .jsonl and .csv, field for field."""
+    photos = make_class_folder(tmp_path / "photos", 3)
+    runs = {kind: run_cli("predict", photos, "--model", tiny_bundle, *(("--format", kind) if kind else ()))
+            for kind in ("", "csv", "json")}
+    assert all(r.returncode == 0 and r.stderr == "" for r in runs.values()), runs
+    table = {line.split("\t")[0]: line.split("\t")[1:3] for line in runs[""].stdout.splitlines()}
+    rows = list(csv.DictReader(io.StringIO(runs["csv"].stdout)))
+    records = [json.loads(line) for line in runs["json"].stdout.splitlines()]
+    assert len(table) == len(rows) == len(records) == 6
+    assert list(rows[0]) == list(records[0]) == ["path", "label", "confidence", "p_cats", "p_dogs", "error", "reason"]
+    for row, record in zip(rows, records, strict=True):
+        assert row["path"] == record["path"] and row["label"] == record["label"] == table[row["path"]][0]
+        assert float(row["confidence"]) == record["confidence"]
+        assert abs(float(table[row["path"]][1]) - record["confidence"]) <= 5e-5
+    for suffix, printed in ((".jsonl", runs["json"].stdout), (".csv", runs["csv"].stdout)):
+        out = tmp_path / f"labels{suffix}"
+        assert run_cli("predict", photos, "--model", tiny_bundle, "--output", out).returncode == 0
+        assert sorted(out.read_text().splitlines()) == sorted(printed.splitlines())
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (("predict", "PHOTOS"), 0),
+    (("predict", "PHOTOS", "--format", "xml"), 2),  # a usage mistake
+    (("predict", "NOWHERE"), 1),  # a photo that is not there is a photo that could not be read
+    (("predict", "PHOTOS", "EMPTY"), 1),  # an empty folder: the others still labelled
+    (("predict", "PHOTOS", "--model", "NOWHERE"), 2),
+    (("predict", "PHOTOS", "--ray", "local"), 2),  # --ray needs --output
+    (("evaluate", "EMPTY"), 2),
+    (("nonsense",), 2),
+    (("--version",), 0),
+])
+def test_exit_codes(tiny_bundle, tmp_path, make_class_folder, run_cli, args, code):
+    """0: done; 1: done, but some photos could not be read; 2: nothing done, the command was wrong."""
+    places = {"PHOTOS": make_class_folder(tmp_path / "photos", 1), "NOWHERE": tmp_path / "nowhere",
+              "EMPTY": tmp_path / "empty"}
+    places["EMPTY"].mkdir()
+    model = () if "--model" in args or args[0] not in ("predict", "evaluate") else ("--model", tiny_bundle)
+    result = run_cli(*(places.get(a, a) for a in args), *model)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_predict_reports_each_bad_file_and_exits_1(tiny_bundle, tmp_path, make_class_folder, write_bad_files, run_cli):
@@ -44,7 +77,7 @@ def test_seed_threshold_rule(brightness_bundle, tmp_path, run_cli):
     def labels(*options: str) -> dict[str, str]:
         result = run_cli("predict", tmp_path, "--model", brightness_bundle, "--format", "json", *options)
         assert result.returncode == 0, result.stderr
-        return {Path(r["source"]).stem: r["label"] for r in map(json.loads, result.stdout.splitlines())}
+        return {Path(r["path"]).stem: r["label"] for r in map(json.loads, result.stdout.splitlines())}
 
     assert labels() == {"dim": "cats", "between": "dogs", "bright": "dogs"}
     assert labels("--threshold", "0.6") == {"dim": "cats", "between": "cats", "bright": "dogs"}
@@ -200,3 +233,14 @@ def test_a_bug_keeps_its_traceback_and_a_deliberate_error_is_one_line():
     assert bug.stderr.endswith("KeyError: 'x'\n") and "error:" not in bug.stderr
     deliberate = predict_raising("UserError('photo.jpg: not what was asked for')")
     assert deliberate.returncode == 2 and deliberate.stderr == "error: photo.jpg: not what was asked for\n"
+
+
+def test_the_command_reference_is_the_command_lines_own_help(repo_root, tmp_path):
+    """docs/cli.md is generated (`make docs`): a command or option added, renamed or reworded shows here."""
+    typer_cli = Path(sys.executable).with_name("typer")
+    if not typer_cli.exists():
+        pytest.skip(f"{typer_cli}: Typer's command line is not installed beside this Python")
+    fresh = tmp_path / "cli.md"
+    subprocess.run([typer_cli, "catdogcnn.cli", "utils", "docs", "--name", "catdogcnn", "--title", "Command reference",
+                    "--output", fresh], check=True, capture_output=True)
+    assert fresh.read_text() == (repo_root / "docs" / "cli.md").read_text(), "docs/cli.md is stale: run `make docs`"

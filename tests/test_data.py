@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +188,65 @@ def test_a_file_too_large_for_a_photo_is_refused_unread(tmp_path):
     with open(path, "rb") as f, pytest.raises(D.BadImageError, match="too large for a photo"):
         D.decode_image(f, 16)
     assert D.file_digests([path])[0] is not None  # `data check` still hashes it (streamed) for its duplicate report
+
+
+def test_pixels_are_checked_from_the_header_before_decoding(png_with_size):
+    with pytest.raises(D.BadImageError, match=r"too large: 7000 x 6000 pixels, more than the limit of 40,000,000"):
+        D.decode_image(png_with_size(7000, 6000), 16, max_pixels=40_000_000)
+    with pytest.raises(D.BadImageError) as corrupt:  # under the cap the fake header is what it is: corrupt
+        D.decode_image(png_with_size(6000, 6000), 16, max_pixels=40_000_000)
+    assert corrupt.value.kind != "bomb" and "too large" not in str(corrupt.value)
+
+
+def test_pillows_process_wide_pixel_limit_is_left_alone():
+    check = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import catdogcnn.data, catdogcnn.predict; "
+             "print(before, Image.MAX_IMAGE_PIXELS)")
+    before, after = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                                   check=True).stdout.split()
+    assert before == after
+
+
+PEAK_MEMORY = """
+import resource, sys
+from catdogcnn.data import decode_image
+data = open(sys.argv[1], "rb").read()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert decode_image(data, 280).shape == (280, 280, 3)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+@pytest.mark.parametrize("kind", ["palette", "palette with transparency", "16-bit grey"])
+def test_a_16_megapixel_photo_of_a_few_kilobytes_decodes_in_bounded_memory(tmp_path, kind):
+    """Palette and 16-bit photos once went through full-size RGBA and float64 copies: +260 MB and +430 MB for
+    these 2-30 kB files. The decoded photo itself is 16-32 MB."""
+    path = tmp_path / "big.png"
+    if kind == "16-bit grey":
+        Image.fromarray(np.zeros((4000, 4000), np.uint16)).save(path)
+    else:
+        image = Image.new("P", (4000, 4000), 1)
+        image.save(path, **({"transparency": 1} if "transparency" in kind else {}))
+    assert path.stat().st_size < 40_000
+    peak_mb = float(subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(path)], capture_output=True, text=True,
+                                   check=True).stdout)
+    assert peak_mb < 150, f"{kind}: +{peak_mb:.0f} MB to decode"
+
+
+def test_palette_and_16_bit_photos_keep_their_pixels():
+    """Transparency composited on white, 16-bit scaled to 8, the same as through full-size copies."""
+    rng = np.random.default_rng(0)
+    palette = Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8), "L").convert("P")
+    colours = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, 256, dtype=np.uint8)
+    palette.putpalette(colours.tobytes())
+    palette.info["transparency"] = alpha.tobytes()
+    index = np.asarray(palette)
+    a = alpha[index][..., None].astype(np.float64) / 255
+    expected = colours[index] * a + 255 * (1 - a)
+    assert np.abs(D.decode_image(palette).astype(np.float64) - expected).max() <= 1
+    deep = rng.integers(0, 65536, (30, 40), dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(deep).save(buffer, "PNG")
+    decoded = D.decode_image(buffer.getvalue())
+    assert np.array_equal(decoded[..., 0], np.round(deep / 257).astype(np.uint8)) and (decoded[..., 0] ==
+                                                                                       decoded[..., 2]).all()

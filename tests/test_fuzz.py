@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from conftest import png_with_size
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from catdogcnn.data import BadImageError, decode_image
+from catdogcnn.data import MAX_IMAGE_PIXELS, BadImageError, decode_image
 
 EXAMPLES = int(os.environ.get("CATDOGCNN_FUZZ_EXAMPLES", "300"))
 
@@ -31,12 +30,6 @@ def seeds() -> list[bytes]:
 
 
 SEEDS = seeds()
-
-
-def huge_png(width: int, height: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + b"IEND"
 
 
 def decode_or_refuse(data: bytes) -> None:
@@ -87,5 +80,17 @@ def test_random_bytes(data):
 
 @given(width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1))
 @settings(max_examples=EXAMPLES // 3, deadline=2000, database=None)
-def test_huge_declared_sizes(width, height):
-    decode_or_refuse(huge_png(width, height))
+def test_huge_declared_sizes_are_too_large_and_the_rest_corrupt(width, height):
+    """A header with one pixel behind it: over the pixel limit it is refused as too large, before any decoding;
+    under it, as what it is, a corrupt (truncated) photo, unless it is the 1 x 1 photo it really holds."""
+    try:
+        decode_image(png_with_size(width, height), 32)
+    except BadImageError as refused:
+        message = str(refused)
+        assert "\n" not in message
+        if width * height > MAX_IMAGE_PIXELS:
+            assert refused.kind == "bomb" and "too large" in message, message
+        else:
+            assert refused.kind in ("corrupt", "truncated") and "too large" not in message, message
+    else:
+        assert width == height == 1

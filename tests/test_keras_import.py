@@ -1,4 +1,5 @@
-"""Keras files written here with h5py (no TensorFlow), checked against a numpy reference of Keras's maths."""
+"""Keras files written here with h5py (no TensorFlow), checked against a numpy reference of Keras's maths; and
+files Keras itself saved (tests/fixtures), checked against Keras's own predictions."""
 
 from __future__ import annotations
 
@@ -142,6 +143,22 @@ def test_truncated_file_is_a_one_line_error(tmp_path):
     with pytest.raises(KerasImportError) as info:
         import_keras(path, tmp_path / "bundle")
     assert "\n" not in str(info.value) and "m.h5" in str(info.value)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("file_name", ["keras_seed_like.h5", "keras_seed_like.keras"])
+def test_a_file_keras_saved_gives_keras_answers(tmp_path, file_name):
+    """Saved by Keras 3.15 (tests/fixtures/make_keras_fixture.py), not by this test: Keras's own layout, names
+    and attributes, and its predictions on the same photos."""
+    expected = json.loads((FIXTURES / "keras_seed_like_predictions.json").read_text())
+    photos = np.random.default_rng(expected["photos_seed"]).integers(0, 256, (expected["photos"], 16, 16, 3),
+                                                                     dtype=np.uint8)
+    clf = Classifier(import_keras(FIXTURES / file_name, tmp_path / "bundle"))
+    assert clf.classes == ["cats", "dogs"] and clf.image_size == 16
+    p_dog = [clf.predict(photo).probabilities["dogs"] for photo in photos]
+    assert p_dog == pytest.approx(expected["p_dog"], abs=1e-5)
 
 
 def test_reference_keras_model_reproduces_its_predictions(real_data, tmp_path):

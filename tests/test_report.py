@@ -5,11 +5,11 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import chromium
 
 from catdogcnn.evaluate import evaluate
 from catdogcnn.predict import Classifier
@@ -58,16 +58,11 @@ def test_report_on_the_real_test_set_in_a_browser(real_data, tmp_path, artifacts
     path = evaluation_report(result, clf, tmp_path / "report")
     check_report(path, result)
     assert "wrong_0.png" in path.read_text()  # the confidently wrong photos, with heat maps
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not shutil.which("/usr/bin/chromium"):
-        pytest.skip("/usr/bin/chromium not installed")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+    with chromium() as browser:
         page = browser.new_page()
         page.goto(path.as_uri())
         assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(artifacts / "report.png"), full_page=True)
-        browser.close()
 
 
 def test_training_report(tmp_path):

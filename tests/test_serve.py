@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
+import os
+import re
+import select
+import socket
+import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes as jpeg
+from conftest import live_app
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -16,11 +24,6 @@ from catdogcnn import serve
 from catdogcnn.bundle import shipped_bundle_names
 from catdogcnn.predict import Classifier
 from catdogcnn.serve import STATIC, ServeConfig, create_app
-
-
-@pytest.fixture(scope="session")
-def jpeg(jpeg_bytes):
-    return jpeg_bytes
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def post(client, *files):
     return client.post("/v1/predict", files=[("files", f) for f in files])
 
 
-def test_predict_one_photo(client, jpeg):
+def test_predict_one_photo(client):
     r = post(client, ("cat.jpg", jpeg(), "image/jpeg"))
     assert r.status_code == 200
     body = r.json()
@@ -43,7 +46,7 @@ def test_predict_one_photo(client, jpeg):
     assert body["model_id"].startswith("seed_cnn-")
 
 
-def test_a_bad_photo_does_not_spoil_the_others(client, jpeg):
+def test_a_bad_photo_does_not_spoil_the_others(client):
     r = post(client, ("a.jpg", jpeg(1), "image/jpeg"), ("notes.txt", b"hello", "text/plain"),
              ("b.jpg", jpeg(2), "image/jpeg"))
     assert r.status_code == 200
@@ -55,10 +58,10 @@ def test_a_bad_photo_does_not_spoil_the_others(client, jpeg):
     ("text", 415, "not an image"),
     ("empty", 422, "empty"),
     ("truncated", 422, "truncated"),
-    ("bomb", 422, "decompression bomb"),
+    ("bomb", 413, "too large"),
     ("too large", 413, "upload limit"),
 ])
-def test_errors_have_their_status_and_a_message(client, jpeg, png_with_size, kind, status, words):
+def test_errors_have_their_status_and_a_message(client, png_with_size, kind, status, words):
     content = {"text": lambda: b"just some text", "empty": lambda: b"", "truncated": lambda: jpeg(3)[:300],
                "bomb": lambda: png_with_size(40_000, 40_000), "too large": lambda: b"\xff\xd8" + bytes(600_000)}[kind]()
     r = post(client, ("x.jpg", content, "image/jpeg"))
@@ -66,7 +69,7 @@ def test_errors_have_their_status_and_a_message(client, jpeg, png_with_size, kin
     assert words in r.json()["error"]["message"]
 
 
-def test_too_many_files(client, jpeg):
+def test_too_many_files(client):
     r = post(client, *[(f"{i}.jpg", jpeg(i), "image/jpeg") for i in range(5)])
     assert r.status_code == 413 and "limit is 4" in r.json()["error"]["message"]
 
@@ -76,13 +79,99 @@ def test_request_without_files_is_a_json_error(client):
     assert r.status_code == 422 and "files" in r.json()["error"]["message"]
 
 
-def test_oversized_request_is_refused_before_reading(client):
+def test_a_declared_oversized_request_is_refused_before_reading(client):
     r = client.post("/v1/predict", content=b"x" * 10, headers={"content-length": str(10**9),
                                                                "content-type": "multipart/form-data; boundary=x"})
-    assert r.status_code == 413
+    assert r.status_code == 413 and "over the limit of" in r.json()["error"]["message"]
 
 
-def test_file_names_are_never_paths(client, jpeg):
+def test_pixels_are_checked_from_the_header_against_the_servers_cap(tiny_bundle, png_with_size):
+    """Over the cap: "too large" (413), though the file is 60 bytes; under it, the same fake header is what it is,
+    a corrupt photo (422)."""
+    with TestClient(create_app(tiny_bundle, ServeConfig(max_megapixels=40))) as c:
+        over = post(c, ("big.png", png_with_size(7000, 6000), "image/png"))
+        under = post(c, ("fake.png", png_with_size(6000, 6000), "image/png"))
+    assert over.status_code == 413 and "too large: 7000 x 6000 pixels, more than the limit of 40,000,000" in \
+        over.json()["error"]["message"]
+    assert under.status_code == 422 and "too large" not in under.json()["error"]["message"]
+
+
+def chunked_request(path: str, boundary: str = "b0undary") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def answer_while_sending(url: str, head: bytes, chunks, seconds: float = 20) -> tuple[int, bytes, int]:
+    """Send `head`, then chunks as long as the server reads them and has not answered: (status, body, bytes of
+    chunks sent). An answer before the body ends is what a bounded server gives."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # what was sent is near what the server read
+    conn.connect((host, int(port)))
+    conn.sendall(head)
+    sent, deadline, received = 0, time.time() + seconds, b""
+    try:
+        for data in chunks:
+            if select.select([conn], [], [], 0)[0] or time.time() > deadline:
+                break
+            conn.sendall(chunk(data))
+            sent += len(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server closed the connection after answering
+    conn.settimeout(10)
+    try:
+        while piece := conn.recv(65536):
+            received += piece
+            head_part, _, body = received.partition(b"\r\n\r\n")
+            length = re.search(rb"content-length: (\d+)", head_part, re.IGNORECASE)
+            if length and len(body) >= int(length.group(1)):
+                break
+    except (ConnectionResetError, TimeoutError):
+        pass
+    conn.close()
+    assert received, f"no answer after {sent:,} bytes"
+    return int(received.split(b" ", 2)[1]), received.partition(b"\r\n\r\n")[2], sent
+
+
+def test_a_chunked_body_is_counted_as_it_streams_and_refused_past_the_cap(tiny_bundle):
+    config = ServeConfig(max_upload_mb=0.5, max_files=4)  # a request cap of 3 MB
+    part = b"--b0undary\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n" \
+           b"Content-Type: image/jpeg\r\n\r\n"
+    flood = itertools.chain([part], itertools.repeat(b"\xff" * 65536, 50 * 16))  # 50 MB, never a Content-Length
+    with live_app(create_app(tiny_bundle, config)) as url:
+        status, body, sent = answer_while_sending(url, chunked_request("/v1/predict"), flood)
+    assert status == 413 and b"over the limit of 3000000 bytes" in body
+    assert sent < 3 * config.max_request_bytes, f"{sent:,} bytes read before the answer"
+
+
+def test_too_many_parts_are_refused_while_parsing(tiny_bundle):
+    """The fifth part of four allowed is refused as it is parsed: the answer comes though the body never ends."""
+    part = (b"--b0undary\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + jpeg(1) + b"\r\n")
+    endless = itertools.chain(itertools.repeat(part, 5), (time.sleep(0.05) or part for _ in range(400)))
+    with live_app(create_app(tiny_bundle, ServeConfig(max_files=4, request_timeout_s=60))) as url:
+        status, body, sent = answer_while_sending(url, chunked_request("/v1/predict"), endless)
+    assert status == 413 and b"the limit is 4" in body, body
+    assert sent < 20 * len(part)
+
+
+def test_a_full_server_answers_503_with_retry_after(tiny_bundle):
+    """One photo in hand at most: the photo sent while the first waits for company gets 503 and Retry-After."""
+    with TestClient(create_app(tiny_bundle, ServeConfig(max_pending=1, batch_wait_ms=1500))) as c, \
+            ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, c, ("first.jpg", jpeg(1), "image/jpeg"))
+        time.sleep(0.5)
+        second = post(c, ("second.jpg", jpeg(2), "image/jpeg"))
+        assert first.result(timeout=30).status_code == 200
+    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+    assert "busy" in second.json()["error"]["message"]
+
+
+def test_file_names_are_never_paths(client):
     r = post(client, ("../../../../etc/passwd", jpeg(4), "image/jpeg"))
     assert r.status_code == 200 and r.json()["results"][0]["filename"] == "../../../../etc/passwd"
 
@@ -155,10 +244,23 @@ def test_neither_answers_and_rules(neither_bundle):
 
 
 @pytest.mark.parametrize("name", shipped_bundle_names())
-def test_every_shipped_model_describes_itself(name):
+def test_every_shipped_model_describes_itself_as_its_bundle_says(name):
+    """/v1/model, field by field against the bundle.json it serves."""
+    import json
+
+    from catdogcnn.bundle import bundled_models_dir
+    from catdogcnn.predict import RULE_CUTS
+
+    bundle = json.loads((bundled_models_dir() / name / "bundle.json").read_text())
     with TestClient(create_app(name)) as c:
         model = c.get("/v1/model")
-    assert model.status_code == 200 and model.json()["model_id"]
+    assert model.status_code == 200
+    rules = bundle.get("neither", {}).get("rules", [])
+    assert model.json() == {
+        "model_id": bundle["model_id"], "classes": bundle["classes"], "image_size": bundle["input"]["image_size"],
+        "threshold": bundle["threshold"], "tta": bundle["tta"], "metrics": bundle["metrics"],
+        "neither": {"rules": [{"kind": rule["kind"], "cut": rule[RULE_CUTS[rule["kind"]]]} for rule in rules]}
+        if rules else None}
 
 
 def test_page_and_docs(client):
@@ -167,12 +269,14 @@ def test_page_and_docs(client):
     assert client.get("/static/app.js").status_code == 200
     schema = client.get("/openapi.json").json()
     responses = schema["paths"]["/v1/predict"]["post"]["responses"]
-    assert {"200", "413", "415", "422"} <= set(responses)
+    assert set(responses) == {"200", "401", "408", "413", "415", "422", "500", "503"}
+    assert {"401", "500", "503"} <= set(schema["paths"]["/v1/model"]["get"]["responses"])
+    assert {"500", "503"} <= set(schema["paths"]["/v1/health"]["get"]["responses"])
     assert client.get("/docs").status_code == 200
     assert client.get("/nowhere").json()["error"]["status"] == 404
 
 
-def test_concurrent_requests_are_batched(tiny_bundle, monkeypatch, jpeg):
+def test_concurrent_requests_are_batched(tiny_bundle, monkeypatch):
     calls = []
     original = Classifier.predict_decoded
 
@@ -187,18 +291,55 @@ def test_concurrent_requests_are_batched(tiny_bundle, monkeypatch, jpeg):
     assert sum(calls) == 8 and max(calls) > 1, calls  # at least some photos shared a model call
 
 
-@pytest.mark.parametrize(("options", "host"), [((), "127.0.0.1"), (("--host", "0.0.0.0"), "0.0.0.0")])
-def test_serve_command_binds_loopback_unless_told(tiny_bundle, monkeypatch, options, host):
+def serve_command(monkeypatch, *args: str, env: dict | None = None) -> tuple[object, list[dict], dict]:
+    """`catdogcnn serve ARGS` with uvicorn stubbed: (CLI result, uvicorn.run's arguments, the workers' settings)."""
+    import json
+
     import uvicorn
     from typer.testing import CliRunner
 
     from catdogcnn.cli import app
+    from catdogcnn.runner import SERVE_ENV
 
     bound = []
     monkeypatch.setattr(uvicorn, "run", lambda application, **kwargs: bound.append(kwargs))
-    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_bundle), "--port", "8123", *options])
+    monkeypatch.delenv("CATDOGCNN_API_KEY", raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["serve", *args])
+    settings = json.loads(os.environ.pop(SERVE_ENV, "{}"))
+    return result, bound, settings.get("config", {})
+
+
+@pytest.mark.parametrize(("options", "host"), [((), "127.0.0.1"), (("--host", "0.0.0.0"), "0.0.0.0")])
+def test_serve_command_binds_loopback_unless_told(tiny_bundle, monkeypatch, options, host):
+    result, bound, _ = serve_command(monkeypatch, "--model", str(tiny_bundle), "--port", "8123", *options)
     assert result.exit_code == 0, result.output
     assert [(b["host"], b["port"]) for b in bound] == [(host, 8123)]
+
+
+def test_the_key_comes_from_a_file_or_the_environment_never_the_command_line(tiny_bundle, monkeypatch, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    model = ("--model", str(tiny_bundle))
+    assert serve_command(monkeypatch, *model, "--api-key-file", str(key_file))[2]["api_key"] == "from-file"
+    assert serve_command(monkeypatch, *model, env={"CATDOGCNN_API_KEY": "from-env"})[2]["api_key"] == "from-env"
+    assert serve_command(monkeypatch, *model)[2]["api_key"] is None
+    refused, bound, _ = serve_command(monkeypatch, *model, "--api-key", "visible-in-ps")
+    assert refused.exit_code == 2 and not bound
+    key_file.write_text("  \n")
+    empty, bound, _ = serve_command(monkeypatch, *model, "--api-key-file", str(key_file))
+    assert empty.exit_code == 2 and "empty" in empty.output and not bound
+
+
+def test_the_cores_are_divided_among_the_workers(tiny_bundle, monkeypatch):
+    from catdogcnn.runner import threads_per_worker
+
+    assert [threads_per_worker(w, cores=16) for w in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert serve_command(monkeypatch, "--model", str(tiny_bundle), "--workers", "4")[2]["threads"] == 2
+    assert serve_command(monkeypatch, "--model", str(tiny_bundle), "--workers", "4", "--threads", "3"
+                         )[2]["threads"] == 3
 
 
 def asyncio_before_3_11(wait_for_error: type[BaseException] | None = None) -> types.SimpleNamespace:
@@ -223,7 +364,7 @@ def post_within(client, seconds: float, *files):
         return pool.submit(post, client, *files).result(timeout=seconds)
 
 
-def test_the_batcher_survives_the_timeout_of_python_before_3_11(tiny_bundle, jpeg, monkeypatch):
+def test_the_batcher_survives_the_timeout_of_python_before_3_11(tiny_bundle, monkeypatch):
     """Where asyncio.wait_for's timeout is not the builtin TimeoutError, the batcher once died on its first batch
     and every request after hung."""
     monkeypatch.setattr(serve, "asyncio", asyncio_before_3_11())
@@ -233,12 +374,26 @@ def test_the_batcher_survives_the_timeout_of_python_before_3_11(tiny_bundle, jpe
             assert r.status_code == 200 and r.json()["results"][0]["label"] in ("cats", "dogs")
 
 
-def test_requests_get_503_not_silence_when_the_batcher_dies(tiny_bundle, jpeg, monkeypatch):
+def test_requests_get_503_not_silence_when_the_batcher_dies(tiny_bundle, monkeypatch):
     monkeypatch.setattr(serve, "asyncio", asyncio_before_3_11(wait_for_error=RuntimeError))
     with TestClient(create_app(tiny_bundle, ServeConfig(batch_wait_ms=20))) as c:
         for i in range(2):  # the request in the batch when it died, and one after
             r = post_within(c, 30, (f"{i}.jpg", jpeg(i), "image/jpeg"))
             assert r.status_code == 503 and "model worker has stopped" in r.json()["error"]["message"]
+        health = c.get("/v1/health")
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+
+
+def test_an_unexpected_fault_is_a_json_500_like_every_other_error(tiny_bundle, monkeypatch):
+    def broken(**fields):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(serve, "ModelResponse", broken)
+    with TestClient(create_app(tiny_bundle), raise_server_exceptions=False) as c:
+        r = c.get("/v1/model")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": {"status": 500, "message": "internal server error (ZeroDivisionError); it has "
+                                                            "been logged"}}
 
 
 def test_explain_returns_a_heat_map(real_data):
@@ -250,3 +405,23 @@ def test_explain_returns_a_heat_map(real_data):
         plain = c.post("/v1/predict", files=[("files", ("cat.jpg", photo, "image/jpeg"))])
     assert r.json()["results"][0]["heatmap"].startswith("data:image/png;base64,")
     assert plain.json()["results"][0]["heatmap"] is None
+
+
+def test_decoding_holds_no_more_pixels_at_once_than_the_budget():
+    held, peak = [0], [0]
+
+    async def decode(budget: serve.PixelBudget, pixels: int) -> None:
+        async with budget.hold(pixels):
+            held[0] += pixels
+            peak[0] = max(peak[0], held[0])
+            await asyncio.sleep(0.01)
+            held[0] -= pixels
+
+    async def main(sizes: list[int]) -> int:
+        budget, peak[0] = serve.PixelBudget(100), 0
+        await asyncio.gather(*(decode(budget, n) for n in sizes))
+        return peak[0]
+
+    assert asyncio.run(main([30, 30, 30])) == 90  # small photos side by side
+    assert asyncio.run(main([60, 60, 60])) == 60  # one at a time
+    assert asyncio.run(main([500, 10, 10])) == 500  # larger than the budget: alone

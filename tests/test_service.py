@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
-import numpy as np
 import pytest
-from conftest import free_port, synthetic_photo
+from conftest import jpeg_bytes as jpeg
+from conftest import start_server
 from fastapi.testclient import TestClient
 
 from catdogcnn.serve import ServeConfig, create_app
 
 pytest.importorskip("prometheus_client", reason="/metrics needs the serve extra: pip install -e '.[serve]'")
-
-
-def jpeg(seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    synthetic_photo(seed % 2, np.random.default_rng(seed), 96).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -34,24 +25,56 @@ def metric(text: str, name: str, **labels: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+KEY = "s3cret-key"
+
+
 @pytest.fixture(scope="module")
 def keyed(tiny_bundle):
-    config = ServeConfig(api_key="s3cret-key", cors_origins=["https://pets.example"])
+    config = ServeConfig(api_key=KEY, cors_origins=["https://pets.example"])
     with TestClient(create_app(tiny_bundle, config)) as client:
         yield client
 
 
-def test_the_api_needs_the_key_and_the_page_does_not(keyed):
+@pytest.fixture(scope="module")
+def keyed_under_prefix(tiny_bundle):
+    """The keyed app mounted under /pets in a larger app, as a site embeds it."""
+    from fastapi import FastAPI
+
+    site = FastAPI()
+    site.mount("/pets", create_app(tiny_bundle, ServeConfig(api_key=KEY)))
+    with TestClient(site) as client:
+        yield client
+
+
+@pytest.mark.parametrize("prefix", ["", "/pets"])
+def test_every_path_needs_the_key_but_the_open_ones_wherever_the_app_is_mounted(keyed, keyed_under_prefix, prefix):
+    client = keyed_under_prefix if prefix else keyed
     photo = {"files": ("a.jpg", jpeg(), "image/jpeg")}
-    for path, method in (("/v1/predict", "post"), ("/v1/model", "get"), ("/metrics", "get")):
-        refused = getattr(keyed, method)(path, **({"files": photo} if method == "post" else {}))
+    for path, method in (("/v1/predict", "post"), ("/v1/model", "get"), ("/metrics", "get"), ("/nowhere", "get"),
+                         ("/v1/model/", "get"), ("/V1/model", "get")):
+        refused = getattr(client, method)(prefix + path, **({"files": photo} if method == "post" else {}))
         assert refused.status_code == 401, path
         assert "API key" in refused.json()["error"]["message"] and refused.headers["www-authenticate"] == "Bearer"
-    assert keyed.post("/v1/predict", files=photo, headers={"X-API-Key": "wrong"}).status_code == 401
-    assert keyed.post("/v1/predict", files=photo, headers={"X-API-Key": "s3cret-key"}).status_code == 200
-    assert keyed.get("/v1/model", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
-    for open_path in ("/v1/health", "/", "/static/app.js", "/docs"):
-        assert keyed.get(open_path).status_code == 200, open_path
+    for open_path in ("/v1/health", "/", "/static/app.js", "/docs", "/openapi.json"):
+        assert client.get(prefix + open_path).status_code == 200, open_path
+    assert client.get(prefix + "/v1/model", headers={"X-API-Key": KEY}).status_code == 200
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"X-API-Key": KEY}, 200),
+    ({"Authorization": f"Bearer {KEY}"}, 200),
+    ({"Authorization": f"bearer {KEY}"}, 200),  # the scheme is case-insensitive (RFC 9110)
+    ({"Authorization": f"BEARER  {KEY} "}, 200),
+    ({"Authorization": KEY}, 401),  # no scheme
+    ({"Authorization": f"Basic {KEY}"}, 401),
+    ({"Authorization": "Bearer"}, 401),
+    ({"X-API-Key": "wrong"}, 401),
+    ({"X-API-Key": KEY[:-1]}, 401),
+])
+def test_the_key_is_taken_only_as_a_bearer_token_or_x_api_key(keyed, headers, status):
+    assert keyed.get("/v1/model", headers=headers).status_code == status
+    assert keyed.post("/v1/predict", files={"files": ("a.jpg", jpeg(), "image/jpeg")},
+                      headers=headers).status_code == status
 
 
 def test_allowed_origins_get_cors_headers_and_others_do_not(keyed):
@@ -85,22 +108,6 @@ def test_metrics_count_requests_by_status_latency_and_batch_sizes(tiny_bundle):
     assert metric(text, "catdogcnn_batch_photos_count") == 3 and metric(text, "catdogcnn_batch_photos_sum") == 3
 
 
-def start_server(bundle, *options: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "catdogcnn", "serve", "--port", str(port), "--model",
-                               str(bundle), *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert server.poll() is None, server.stdout.read()
-        assert time.time() < deadline, "the server did not start"
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-
-
 def upload_in_halves(url: str, photo: bytes) -> tuple[socket.socket, bytes]:
     """A POST /v1/predict whose headers and first half of the body are sent; returns the socket and the rest."""
     request = httpx.Request("POST", f"{url}/v1/predict", files={"files": ("slow.jpg", photo, "image/jpeg")})
@@ -127,7 +134,8 @@ def read_response(conn: socket.socket, timeout: float = 30) -> tuple[int, bytes]
 
 @pytest.mark.slow
 def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_requests_on_sigterm(tiny_bundle):
-    server, url = start_server(tiny_bundle, "--workers", "2", "--request-timeout", "8", "--shutdown-timeout", "15")
+    server, url = start_server("--model", str(tiny_bundle), "--workers", "2", "--request-timeout", "8",
+                               "--shutdown-timeout", "15")
     try:
         stalled, _ = upload_in_halves(url, jpeg(1))
         started = time.time()
@@ -167,7 +175,7 @@ def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_r
 
 @pytest.mark.slow
 def test_sigterm_ends_within_the_shutdown_timeout_despite_a_stalled_client(tiny_bundle):
-    server, url = start_server(tiny_bundle, "--request-timeout", "60", "--shutdown-timeout", "2")
+    server, url = start_server("--model", str(tiny_bundle), "--request-timeout", "60", "--shutdown-timeout", "2")
     try:
         stalled, _ = upload_in_halves(url, jpeg(3))
         time.sleep(0.5)

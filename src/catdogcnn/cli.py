@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import inspect
 import json
-import logging
 import os
 import sys
 from dataclasses import fields
@@ -15,41 +13,18 @@ from typing import Annotated, Literal
 
 import typer
 
+from catdogcnn.cli_data import data_app
+from catdogcnn.cli_errors import fail, user_errors
 from catdogcnn.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Cats-vs-dogs classifier: train, evaluate, predict.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect a photo folder.")
+                  help="Cats-vs-dogs classifier: train, evaluate, predict, serve.\n\n"
+                  "A model (--model) is a bundle folder or a shipped bundle's name: default, seed_cnn, "
+                  "resnet_small; $CATDOGCNN_MODEL sets the default. A data folder is the seed's layout "
+                  "(training_set/CLASS/, test_set/CLASS/, optionally extra_set/CLASS/) or a folder of class "
+                  "folders; class names are the folder names, sorted. Exit codes: 0 done; 1 done, but some "
+                  "photos could not be read; 2 nothing done, the command was wrong (one line says why).")
 app.add_typer(data_app, name="data")
-
-# Errors a user can cause: printed as one line, exit code 2. Anything else is a bug and keeps its traceback, so
-# a ValueError or KeyError from a slip in the code is never mistaken for bad input. The OSErrors listed name the
-# file the user gave.
-USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def user_errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from catdogcnn.bundle import BundleError
-        from catdogcnn.data import BadImageError
-        from catdogcnn.extras import MissingExtra
-
-        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
-        try:
-            return func(*args, **kwargs)
-        except MissingExtra as e:  # before USER_ERRORS: the command is fine, the install lacks a part
-            raise _fail(str(e), code=1) from None
-        except (BundleError, BadImageError, *USER_ERRORS) as e:
-            raise _fail(str(e)) from None
-
-    return wrapper
-
 
 def _print_version(given: bool) -> None:
     if given:
@@ -121,10 +96,10 @@ def predict(
     from rich.progress import Progress
 
     from catdogcnn.predict import expand_photos, load_classifier
-    from catdogcnn.results import result_columns, result_row
+    from catdogcnn.results import csv_header, encode_rows, result_columns, result_row
 
     if output_format not in ("table", "csv", "json"):
-        raise _fail(f"--format must be table, csv or json, not {output_format!r}")
+        raise fail(f"--format must be table, csv or json, not {output_format!r}")
 
     classifier = load_classifier(model, threshold=threshold, tta=tta, neither=neither, threads=threads)
     photos, empty_folders, failed = [], 0, 0
@@ -138,11 +113,11 @@ def predict(
         raise typer.Exit(_label_to_file(classifier, photos, output, batch_size, flush_every, ray_address, ray_actors,
                                         empty_folders))
     if ray_address:
-        raise _fail("--ray needs --output FILE")
-    writer = csv.writer(sys.stdout) if output_format == "csv" else None
-    neither = bool(classifier.neither_rules)
-    if writer:
-        writer.writerow(result_columns(classifier.classes, neither))
+        raise fail("--ray needs --output FILE")
+    columns = result_columns(classifier.classes, bool(classifier.neither_rules))
+    kind = {"csv": "csv", "json": "jsonl"}.get(output_format)
+    if kind == "csv":
+        typer.echo(csv_header(columns), nl=False)
     # A progress bar on stderr for long runs, only when it is a terminal (quiet in logs and pipes).
     console = Console(stderr=True)
     show_bar = console.is_terminal and len(photos) > classifier.batch_size
@@ -151,11 +126,9 @@ def predict(
         for p in classifier.predict_many(photos, batch_size):
             progress.advance(task)
             failed += not p.ok
-            if output_format == "json":
-                typer.echo(json.dumps(p.to_dict()))
-            elif writer:
-                writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v
-                                 for v in result_row(p, classifier.classes, neither).values()])
+            if kind:  # the rows a results file holds, the same fields and numbers
+                typer.echo(encode_rows([result_row(p, classifier.classes, "p_neither" in columns)], columns, kind),
+                           nl=False)
             elif p.ok:
                 typer.echo(f"{p.source}\t{p.label}\t{p.confidence:.4f}" + (f"\t{p.reason}" if p.reason else ""))
             else:
@@ -317,44 +290,14 @@ def train(
     if nnodes > 1 and not rdzv_endpoint:
         raise UserError("--nnodes needs --rdzv-endpoint HOST:PORT, the first machine's address, on every machine")
     if (nproc > 1 or nnodes > 1) and "WORLD_SIZE" not in os.environ:
-        _launch_processes(nproc, nnodes, rdzv_endpoint, join_timeout)
+        from catdogcnn.train.distributed import launch
+
+        raise typer.Exit(launch(sys.argv[1:], nproc, nnodes, rdzv_endpoint, join_timeout))
     keep_freed_memory()  # this process is the command's own: its allocator may be tuned for training
     try:
         run_training(data_dir, out, config, resume=resume, bundle_dir=bundle)
     except TrainingInterrupted as e:
-        raise _fail(str(e), code=130) from None
-
-
-def _launch_processes(nproc: int, nnodes: int, rdzv_endpoint: str | None, join_timeout: int) -> None:
-    """Run this command again as `nproc` processes on each of `nnodes` machines (torchrun, in this process);
-    a machine that never joins is one line, not torchrun's traceback."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
-    from torch.distributed.run import parse_args, run
-
-    launcher_options = {"--nproc", "--nnodes", "--rdzv-endpoint", "--join-timeout"}
-    args, skip = [], False
-    for arg in sys.argv[1:]:  # the command as given, less the launcher's own options
-        if skip or arg.split("=", 1)[0] in launcher_options:
-            skip = not skip and "=" not in arg
-            continue
-        args.append(arg)
-    where = (["--standalone"] if nnodes == 1 else
-             [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=catdogcnn",
-              f"--rdzv-conf=join_timeout={join_timeout}"])
-    try:
-        run(parse_args([*where, f"--nproc_per_node={nproc}", "-m", "catdogcnn", *args]))
-    except RendezvousTimeoutError:
-        raise UserError(f"{rdzv_endpoint}: not all {nnodes} machines joined within {join_timeout} s; start the same "
-                        "command on each machine, all with this --rdzv-endpoint") from None
-    except RendezvousError as e:  # e.g. the first machine's endpoint cannot be reached
-        raise UserError(f"{rdzv_endpoint}: the machines could not meet there ({e})") from None
-    except SignalException:  # Ctrl-C or a stop signal to the launcher: the processes were stopped
-        raise typer.Exit(130) from None
-    except ChildFailedError as e:  # the processes printed their own errors; a signal's exit code is negative
-        raise typer.Exit(abs(e.get_first_failure()[1].exitcode) or 1) from None
-    raise typer.Exit(0)
+        raise fail(str(e), code=130) from None
 
 
 def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
@@ -435,43 +378,11 @@ def tune(
                           pruner=None if prune else optuna.pruners.NopPruner(),
                           grid=parse_grid(grid) if grid else None, heartbeat_s=heartbeat)
     except TrainingInterrupted:
-        raise _fail(f"interrupted; run the same command again to resume the study in {out}", code=130) from None
+        raise fail(f"interrupted; run the same command again to resume the study in {out}", code=130) from None
     Console(width=None if sys.stdout.isatty() else 200).print(leaderboard(result.study))  # a log keeps every column
     if result.best_config_path:
         typer.echo(f"best configuration: {result.best_config_path}  (catdogcnn train DATA --config "
                    f"{result.best_config_path})")
-
-
-@data_app.command("check")
-@user_errors
-def data_check(
-    data_dir: Annotated[Path, typer.Argument(help="Seed layout or a folder of class folders.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    near_distance: Annotated[int, typer.Option(min=0, max=64, help="Max pHash bit distance for near-duplicates.")]
-    = 4,
-) -> None:
-    """Counts per split and class, bad files, blank photos, exact duplicates (leakage, label conflicts),
-    near-duplicates."""
-    from catdogcnn.check import check_dataset
-
-    report = check_dataset(data_dir, near_distance=near_distance)
-    if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    for split, counts in report.counts.items():
-        typer.echo(f"{split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + f" (total {sum(counts.values())})")
-    typer.echo(f"bad files: {len(report.bad)}")
-    for e in report.bad:
-        typer.echo(f"  {e}")
-    typer.echo(f"blank photos (one flat colour): {len(report.blank)}")
-    for path in report.blank:
-        typer.echo(f"  {path}")
-    typer.echo(f"exact duplicates: {len(report.exact_duplicates)} pair(s)")
-    for pair in report.exact_duplicates:
-        typer.echo(f"  {pair.a} = {pair.b}  [{pair.kind}]")
-    typer.echo(f"near-duplicates (pHash distance <= {near_distance}): {len(report.near_duplicates)} pair(s)")
-    for pair in report.near_duplicates:
-        typer.echo(f"  {pair.a} ~ {pair.b}  [{pair.kind}]")
 
 
 @app.command("import-keras")
@@ -501,9 +412,14 @@ def serve(
                                                   "default 8).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model, sharing the "
                                          "port.")] = 1,
-    api_key: Annotated[str | None, typer.Option(envvar="CATDOGCNN_API_KEY", show_envvar=True,
-                                                help="Require this key for the API and /metrics "
-                                                "('Authorization: Bearer KEY' or 'X-API-Key: KEY').")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Model threads per worker, and photos decoded at once "
+                                                "(default: the cores divided among the workers).")] = None,
+    max_megapixels: Annotated[float, typer.Option(min=0.001, help="Largest photo accepted, in megapixels (read "
+                                                  "from its header before decoding).")] = 40.0,
+    api_key_file: Annotated[Path | None, typer.Option(help="Require the key in this file for everything but the "
+                                                      "page, health and docs ('Authorization: Bearer KEY' or "
+                                                      "'X-API-Key: KEY'); or set $CATDOGCNN_API_KEY. Never on the "
+                                                      "command line, where `ps` shows it.")] = None,
     cors_origin: Annotated[list[str] | None, typer.Option(help="A web origin allowed to call the API from a "
                                                           "browser, e.g. https://example.org (repeatable).")]
     = None,
@@ -514,13 +430,21 @@ def serve(
 ) -> None:
     """Serve the web page and the HTTP API (docs at /docs, Prometheus metrics at /metrics)."""
     from catdogcnn.predict import load_classifier
+    from catdogcnn.runner import serve as run_server
     from catdogcnn.serve import ServeConfig
-    from catdogcnn.serve import serve as run_server
 
     load_classifier(model)  # fail here, in one line, if the bundle is unusable
+    api_key = os.environ.get("CATDOGCNN_API_KEY", "").strip() or None
+    if api_key_file:
+        try:
+            api_key = api_key_file.read_text().strip()
+        except OSError as e:
+            raise fail(f"{api_key_file}: cannot read the API key file ({e.strerror or e})") from None
+        if not api_key:
+            raise fail(f"{api_key_file}: the API key file is empty")
     limits = {"max_upload_mb": max_upload_mb} | ({"max_batch": max_batch} if max_batch else {})
-    config = ServeConfig(**limits, request_timeout_s=request_timeout, api_key=api_key or None,
-                         cors_origins=[origin.rstrip("/") for origin in cors_origin or []])
+    config = ServeConfig(**limits, max_megapixels=max_megapixels, threads=threads, request_timeout_s=request_timeout,
+                         api_key=api_key, cors_origins=[origin.rstrip("/") for origin in cors_origin or []])
     run_server(model, host, port, config, workers, shutdown_timeout)
 
 
@@ -563,89 +487,3 @@ def report_command(
     from catdogcnn.report import training_report
 
     typer.echo(f"report written to {training_report(run_dir)}")
-
-
-def _download_pets(dest: Path, url: str | None, sha256: str | None) -> None:
-    """The Cats and Dogs archive, with a progress bar on a terminal; raises DownloadError."""
-    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-    from catdogcnn.download import download
-
-    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True,
-                  disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task("downloading", total=None)
-        root, moved = download(dest, url, sha256, lambda done, total: bar.update(task, completed=done, total=total))
-    for path, reason in moved:
-        typer.echo(f"moved aside {path}: {reason}", err=True)
-    typer.echo(f"{root}: photos ready; {len(moved)} bad file(s) moved to {dest / 'rejected'} "
-               f"(reasons in {dest / 'rejected' / 'reasons.tsv'})")
-
-
-def _download_collection(name: str, dest: Path, jobs: int) -> bool:
-    """One photo collection: a line per failed photo on stderr, then the summary; True when none failed."""
-    from rich.progress import MofNCompleteColumn, Progress
-
-    from catdogcnn.download import download_collection
-
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True,
-                  disable=not sys.stderr.isatty()) as bar:
-        task = bar.add_task(name, total=None)
-        result = download_collection(name, dest, workers=jobs,
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
-    for file, reason in result.failed:
-        typer.echo(f"error: {file}: {reason}", err=True)
-    typer.echo(f"{result.folder}: {len(result.fetched)} fetched, {len(result.present)} already there, "
-               f"{len(result.failed)} failed")
-    return not result.failed
-
-
-@data_app.command("download")
-@user_errors
-def data_download(
-    dest: Annotated[Path, typer.Option(help="Folder for the archive and the photos.")] = Path("data"),
-    url: Annotated[str | None, typer.Option(help="Archive URL (default: $CATDOGCNN_DATA_URL, else Microsoft's "
-                                            "kagglecatsanddogs_5340.zip).")] = None,
-    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the archive "
-                                               "(default: $CATDOGCNN_DATA_SHA256, else the one recorded "
-                                               "by an earlier download).")] = None,
-    collection: Annotated[Literal["pets", "not_pets", "pet_breeds", "all"], typer.Option(
-        help="pets: the Cats and Dogs archive; not_pets, pet_breeds: rebuild that photo folder in DEST from its "
-             "manifest's pinned GitHub originals (a rerun fetches only the missing photos); all: the three.")]
-    = "pets",
-    jobs: Annotated[int, typer.Option(min=1, help="not_pets, pet_breeds: photos fetched at once.")] = 8,
-) -> None:
-    """Download the full Cats and Dogs archive (resumable), check, extract, and move bad photos aside; or the
-    not_pets and pet_breeds photo folders."""
-    from catdogcnn.download import COLLECTIONS, DownloadError
-
-    failed = False
-    if collection in ("pets", "all"):
-        try:
-            _download_pets(dest, url, sha256)
-        except DownloadError as e:
-            if collection == "pets":
-                raise _fail(str(e)) from None
-            typer.echo(f"error: {e}", err=True)  # with `all`, the other collections still come
-            failed = True
-    for name in {"pets": [], "all": list(COLLECTIONS)}.get(collection, [collection]):
-        failed = not _download_collection(name, dest, jobs) or failed
-    if failed:
-        raise typer.Exit(1)
-
-
-@data_app.command("split")
-@user_errors
-def data_split(
-    source: Annotated[Path, typer.Argument(help="Folder of class folders (e.g. data/PetImages).")],
-    dest: Annotated[Path, typer.Option(help="Where to lay out training_set/test_set/extra_set.")],
-    train: Annotated[int, typer.Option(min=1, help="Training photos per class.")] = 4000,
-    test: Annotated[int, typer.Option(min=1, help="Test photos per class.")] = 1000,
-    seed: Annotated[int, typer.Option()] = 0,
-    extra: Annotated[bool, typer.Option("--extra/--no-extra", help="Put the remaining photos in extra_set.")]
-    = True,
-) -> None:
-    """Lay out photos like the seed's data set (seeded): training_set/, test_set/ and extra_set/."""
-    from catdogcnn.download import split
-
-    for split_name, counts in split(source, dest, train, test, seed, extra).items():
-        typer.echo(f"{dest / split_name}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))

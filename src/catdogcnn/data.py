@@ -34,9 +34,9 @@ from catdogcnn.extras import needs_extra
 log = logging.getLogger("catdogcnn")
 
 SPLIT_FOLDERS = {"train": "training_set", "test": "test_set", "extra": "extra_set"}
-# Pillow warns past MAX_IMAGE_PIXELS and raises past twice that; we refuse both (a 16k x 10k photo passes).
+# The most pixels a photo may have (Pillow's own hard limit; a 16k x 10k photo passes). Checked from the header
+# before decoding, per call (a server passes a lower cap); Pillow's process-wide setting is left alone.
 MAX_IMAGE_PIXELS = 178_956_970
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 # Larger files are refused before they are read: room for an uncompressed RGBA photo at the pixel limit.
 MAX_FILE_BYTES = 4 * MAX_IMAGE_PIXELS
 # Leading bytes of formats we know: a file that starts like one but will not open is corrupt, not "not an image".
@@ -159,20 +159,62 @@ def _read_bytes(source: ImageSource) -> tuple[bytes, str]:
         raise BadImageError(name, f"cannot read the file ({e.strerror or e})", "unreadable") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited on white, as a viewer shows it."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode != "F" and arr.max(initial=0) > 255 else 255.0
-        if img.mode == "F":
-            peak = max(1.0, float(arr.max(initial=1)))
-        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8), "L")
-    if img.mode == "P" or img.mode == "LA" or (img.mode in ("L", "RGB") and "transparency" in img.info):
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "RGBa", "PA"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("RGB") if img.mode != "RGB" else img
+STRIP_PIXELS = 1 << 20  # wide-range grey photos are brought to 8 bits a strip of about this many pixels at a time
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey photo as 8-bit "L", scaled to its range (16-bit: 65535, float: its peak),
+    a strip of rows at a time: no full-size float copy (a 16 MP 16-bit PNG cost 430 MB that way)."""
+    width, height = img.size
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    peak = float(img.getextrema()[1])
+    peak = max(1.0, peak) if img.mode == "F" else (65535.0 if peak > 255 else 255.0)
+    scale = np.float32(255.0 / peak)
+    out = np.empty((height, width), np.uint8)
+    for y in range(0, height, rows):
+        strip = np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.float32)
+        out[y:y + strip.shape[0]] = np.clip(strip * scale + 0.5, 0, 255)
+    return Image.fromarray(out, "L")
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """An image with transparency composited on white, as a viewer shows it (RGB out). A strip of rows at a time:
+    the same pixels as compositing the whole image, without three full-size RGBA copies beside it."""
+    width, height = img.size
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    out = Image.new("RGB", img.size)
+    for y in range(0, height, rows):
+        strip = img.crop((0, y, width, min(height, y + rows))).convert("RGBA")
+        background = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(background, strip).convert("RGB"), (0, y))
+    return out
+
+
+def _palette_to_rgb(img: Image.Image) -> Image.Image:
+    """A palette photo as RGB. With transparency, the palette's 256 colours are composited on white rather
+    than every pixel: the same pixels as compositing the whole image, without full-size RGBA copies."""
+    if "transparency" in img.info:
+        lut = Image.new("P", (256, 1))
+        lut.putdata(range(256))
+        lut.putpalette(img.getpalette("RGB"), "RGB")
+        lut.info["transparency"] = img.info["transparency"]
+        img = img.copy() if img.readonly else img
+        img.putpalette(_on_white(lut).tobytes(), "RGB")
+        img.info.pop("transparency")
+    return img.convert("RGB")
+
+
+def _to_rgb(img: Image.Image, keep_grey: bool = False) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white, as a viewer shows it. `keep_grey`: a grey
+    photo stays 8-bit "L", for a caller that resizes it first (the same pixels as resizing its RGB copy, as the
+    three channels are equal, for a third of the memory)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _grey_to_8bit(img)
+    if img.mode == "P":
+        return _palette_to_rgb(img)
+    if img.mode in ("LA", "PA", "RGBA", "RGBa") or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        return _on_white(img)
+    return img if img.mode == "RGB" or (keep_grey and img.mode == "L") else img.convert("RGB")
 
 
 def _image_from_memory(source: Image.Image | np.ndarray) -> Image.Image:
@@ -193,12 +235,14 @@ def flat_photos(images: np.ndarray, max_std: float) -> np.ndarray:
                      for image in images], bool)
 
 
-def decode_image(source: ImageSource, size: int | None = None, resample: str = "bilinear") -> np.ndarray:
+def decode_image(source: ImageSource, size: int | None = None, resample: str = "bilinear",
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one photo to a uint8 RGB array, resized (squashed) to `size` x `size` when given.
 
     EXIF orientation is applied; the format is taken from the bytes, not the file name. JPEGs are
     decoded at a reduced scale (Pillow's draft mode) when that still covers `size`, which is what
-    makes large photos fast. Raises BadImageError with a one-line reason for anything unusable.
+    makes large photos fast. A photo of more than `max_pixels` is refused from its header, before any pixel is
+    decoded (kind "bomb", "too large"). Raises BadImageError with a one-line reason for anything unusable.
     """
     in_memory = _image_from_memory(source) if isinstance(source, (Image.Image, np.ndarray)) else None
     data, name = (b"", source_name(source)) if in_memory is not None else _read_bytes(source)
@@ -206,21 +250,26 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
         raise BadImageError(name, "empty file (0 bytes)", "empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below is ours
             if in_memory is not None:
                 img = in_memory
             else:
                 img = Image.open(io.BytesIO(data))
+                if img.width * img.height > max_pixels:
+                    raise BadImageError(name, f"too large: {img.width} x {img.height} pixels, more than the limit "
+                                              f"of {max_pixels:,}", "bomb")
                 if size and img.format == "JPEG" and resample != "nearest":  # nearest sees every pixel, as Keras
                     img.draft("RGB", (size, size))
             img.load()
             img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+            img = _to_rgb(img, keep_grey=bool(size))
             if size:
                 img = img.resize((size, size), RESAMPLE[resample], reducing_gap=None)
-            arr = np.asarray(img, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(name, f"decompression bomb refused ({e})", "bomb") from None
+            arr = np.asarray(img.convert("RGB") if img.mode == "L" else img, dtype=np.uint8)
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImageError(name, f"too large: decompression bomb refused ({e})", "bomb") from None
     except UnidentifiedImageError:
         kind = next((fmt for magic, fmt in MAGIC.items() if data.startswith(magic)), None)
         if kind:
@@ -235,6 +284,18 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
         raise BadImageError(name, f"unexpected decoded shape {arr.shape}")
     return arr
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height as a photo's header declares them, read without decoding a pixel: what decoding it will
+    cost. 0 when Pillow finds no header it reads (decoding then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                return img.width * img.height
+    except Exception:  # any failure to parse is reported by decode_image, with its reason
+        return 0
 
 
 def _try_decode(path: Path, size: int, resample: str) -> np.ndarray | BadImageError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,9 +74,6 @@ class Prediction:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "heatmap"}
 
 
 def expand_photos(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -60,6 +60,21 @@ def result_row(prediction: Prediction, classes: Sequence[str], neither: bool = F
             **({"p_neither": p.neither_probability} if neither else {}), "error": p.error, "reason": p.reason}
 
 
+def encode_rows(rows: Iterable[dict], columns: Sequence[str], kind: str) -> str:
+    """Rows of `columns` as text: CSV lines ("csv", an empty field for None) or JSON lines ("jsonl"). The one way a
+    prediction is written, to a results file and by `predict --format csv|json` alike."""
+    if kind == "csv":
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(["" if row[c] is None else row[c] for c in columns]
+                                                       for row in rows)
+        return out.getvalue()
+    return "".join(json.dumps({c: row[c] for c in columns}) + "\n" for row in rows)
+
+
+def csv_header(columns: Sequence[str]) -> str:
+    return encode_rows([dict(zip(columns, columns, strict=True))], columns, "csv")
+
+
 class ResultsFile:
     """An append-only results file; `done` holds the paths already in it (read when opened)."""
 
@@ -108,13 +123,7 @@ class LineResults(ResultsFile):
             raise
 
     def _header(self) -> str:
-        return self._csv_lines([self.columns]) if self.path.suffix == ".csv" else ""
-
-    @staticmethod
-    def _csv_lines(rows: Iterable[Sequence]) -> str:
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows(rows)
-        return out.getvalue()
+        return csv_header(self.columns) if self.path.suffix == ".csv" else ""
 
     def _read_paths(self, text: str) -> list[str]:
         if not text:
@@ -142,11 +151,7 @@ class LineResults(ResultsFile):
     def append(self, rows: list[dict]) -> None:
         if not rows:
             return
-        if self.path.suffix == ".csv":
-            text = self._csv_lines(["" if row[c] is None else row[c] for c in self.columns] for row in rows)
-        else:
-            text = "".join(json.dumps(row) + "\n" for row in rows)
-        self._write(text)
+        self._write(encode_rows(rows, self.columns, self.path.suffix.lstrip(".")))
         self.done.update(row["path"] for row in rows)
 
     def close(self) -> None:

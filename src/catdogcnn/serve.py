@@ -5,13 +5,27 @@
 Routes, versioned under /v1: POST /v1/predict (multipart, field `files`, repeatable), GET /v1/health,
 GET /v1/model; the page at /, OpenAPI docs at /docs. Photos are decoded in worker threads; concurrent
 requests are gathered into one model call (micro-batching: the first photo waits at most
-`batch_wait_ms` for others), so throughput grows with load instead of queueing. Uploads are read into
-memory and never touch the file system; a client's file name is only echoed back, never used as a path.
+`batch_wait_ms` for others), so throughput grows with load instead of queueing. A client's file name is only
+echoed back, never used as a path.
+
+Work per request and per process is bounded, whatever a client sends: the body (chunked too) is counted against
+the request cap as it streams in, more than `max_files` parts are refused while parsing, a photo's pixels are
+checked from its header against `max_megapixels` before it is decoded, at most `threads` photos and
+`max_megapixels` pixels are decoded at once (a photo larger than the rest waits its turn), and at most
+`max_pending` photos are in the server (read, decoding or waiting for the model): past that a photo gets 503 with
+Retry-After. A photo's bytes are dropped once decoded.
+
+The routes are module-level; what they share (the model, the batcher, the limits) is one `ServiceState` on
+`app.state.service`. Process running (workers, signals) lives in runner.py; metrics, the API key, the upload
+deadline and the one JSON error envelope in service.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,13 +34,13 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from catdogcnn.data import BadImageError, decode_image
+from catdogcnn.data import BadImageError, decode_image, header_pixels
 from catdogcnn.explain import overlay, png_data_url
 from catdogcnn.extras import needs_extra
 from catdogcnn.predict import Classifier, Prediction, load_classifier
 
 with needs_extra("serve"):
-    from fastapi import FastAPI, File, Query, Request, UploadFile
+    from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import FileResponse, JSONResponse
@@ -35,24 +49,33 @@ with needs_extra("serve"):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from catdogcnn.service import Metrics, ServiceMiddleware
+    from catdogcnn.service import Metrics, ServiceMiddleware, error_response
 
+log = logging.getLogger("catdogcnn")
 STATIC = Path(__file__).parent / "static"
-# BadImageError.kind -> HTTP status: 415 not an image at all, 422 an image that cannot be decoded.
-STATUS_FOR_KIND = {"not_image": 415}
+# BadImageError.kind -> HTTP status: 415 not an image at all, 413 too many pixels, 422 an image that cannot be decoded.
+STATUS_FOR_KIND = {"not_image": 415, "bomb": 413}
+RETRY_AFTER_S = 1  # what a photo turned away because the server is full is told to wait
 
 
 @dataclass
 class ServeConfig:
     max_upload_mb: float = 10.0  # per photo
     max_files: int = 32  # per request
+    max_megapixels: float = 40.0  # per photo, read from its header before it is decoded
     batch_wait_ms: float = 5.0  # how long the first photo of a batch waits for company
     # Photos in one model call. 8 rather than 16: at 32 clients, the same throughput and a p99 of 384 ms
     # instead of 465 ms, as a new photo waits less behind the batch running.
     max_batch: int = 8
+    max_pending: int = 128  # photos in the server at once (read, decoding, waiting for the model); then 503
+    threads: int | None = None  # the model's threads, and photos decoded at once (None: all cores)
     request_timeout_s: float = 30.0  # an upload must arrive within this (408 otherwise)
-    api_key: str | None = None  # when set, the API and /metrics answer 401 without it (see service.py)
+    api_key: str | None = None  # when set, everything but the page, health and docs needs it (see service.py)
     cors_origins: list[str] = field(default_factory=list)  # web origins allowed to call the API from a browser
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6 * self.max_files + 1e6)  # the photos, and room for the multipart
 
 
 class ApiError(Exception):
@@ -87,7 +110,7 @@ class PredictResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str
+    status: Literal["ok", "unavailable"]
     model_loaded: bool
     model_id: str | None
 
@@ -112,12 +135,19 @@ class ModelResponse(BaseModel):
     neither: NeitherRules | None  # null: the model never answers "neither"
 
 
-ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
-    413: "A photo is larger than the upload limit, or too many photos in one request",
+ERROR_TEXT = {
+    401: "Missing or wrong API key (servers started with one)",
+    408: "The upload did not arrive within the server's request timeout",
+    413: "A photo over the upload limit (bytes or pixels), a request over the request limit, or too many photos",
     415: "Not an image (for a request of one photo; with several, each failure is listed in `results`)",
-    422: "An image that cannot be decoded (corrupt, truncated, decompression bomb), or a malformed request",
-    503: "The model worker has stopped (the server needs a restart)",
-}.items()}
+    422: "An image that cannot be decoded (corrupt, truncated), or a malformed request",
+    500: "A fault in the server (logged); the same JSON envelope as every other error",
+    503: "The server is full (retry after the Retry-After header's seconds) or its model is not serving",
+}
+
+
+def error_docs(*codes: int) -> dict:
+    return {code: {"model": ErrorResponse, "description": ERROR_TEXT[code]} for code in codes}
 
 
 class WorkerStoppedError(RuntimeError):
@@ -129,8 +159,12 @@ class MicroBatcher:
 
     def __init__(self, classifier: Classifier, config: ServeConfig, metrics: Metrics | None = None):
         self.classifier, self.config, self.metrics = classifier, config, metrics
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = asyncio.Queue()  # bounded by ServiceState's admission of photos
         self.task: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.task is not None and not self.task.done()
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -185,141 +219,213 @@ class MicroBatcher:
                 future.set_result(result)
 
 
-def create_app(bundle: str | Path | None = None, config: ServeConfig | None = None,
-               classifier: Classifier | None = None) -> FastAPI:
-    config = config or ServeConfig()
-    state: dict = {"classifier": classifier, "batcher": None}
-    metrics = Metrics()
+class PixelBudget:
+    """At most `budget` pixels being decoded at once, or one photo when it alone is larger: memory for decoding
+    is bounded by the budget, whatever the number of requests (a photo at a 40 MP cap takes ~300 MB to decode)."""
 
-    async def classifier_ready() -> Classifier:
-        if state["classifier"] is None:
-            classifier = await run_in_threadpool(load_classifier, bundle)
-            await run_in_threadpool(classifier.warm_up, config.max_batch, True)  # the largest batch, with heat maps
-            state["classifier"] = classifier
-        return state["classifier"]
-
-    async def batcher() -> MicroBatcher:
-        """Started on first use, inside the running event loop (also when no lifespan event is sent)."""
-        if state["batcher"] is None:
-            state["batcher"] = MicroBatcher(await classifier_ready(), config, metrics)
-            state["batcher"].start()
-        return state["batcher"]
+    def __init__(self, budget: int):
+        self.budget, self.in_use = budget, 0
+        self.changed = asyncio.Condition()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher()  # load the model before the first request
-        yield
-        await state["batcher"].stop()
+    async def hold(self, pixels: int):
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.budget)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.in_use -= pixels
+                self.changed.notify_all()
 
-    app = FastAPI(title="catdogcnn", version="1", lifespan=lifespan,
-                  description="Cats-vs-dogs photo classifier. Every error is JSON: "
-                              '`{"error": {"status": ..., "message": ...}}`.')
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": {"status": exc.status, "message": exc.message}}, status_code=exc.status)
+class ServiceState:
+    """What the routes share: the model (loaded once), the batcher, the limits and the count of photos in."""
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": {"status": exc.status_code, "message": str(exc.detail)}},
-                            status_code=exc.status_code)
+    def __init__(self, bundle: str | Path | None, config: ServeConfig, classifier: Classifier | None = None):
+        self.bundle, self.config, self.classifier = bundle, config, classifier
+        self.metrics = Metrics()
+        self.batcher: MicroBatcher | None = None
+        self.pending = 0  # photos admitted and not yet answered
+        self.threads = config.threads or os.cpu_count() or 1
+        self._decode_slots: asyncio.Semaphore | None = None  # made in the running loop, at the first photo
+        self._decode_pixels: PixelBudget | None = None
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", []))
-        message = f"malformed request: {where}: {first.get('msg', 'invalid')}"
-        return JSONResponse({"error": {"status": 422, "message": message}}, status_code=422)
+    async def ready(self) -> Classifier:
+        if self.classifier is None:
+            classifier = await run_in_threadpool(load_classifier, self.bundle, threads=self.threads)
+            await run_in_threadpool(classifier.warm_up, self.config.max_batch, True)  # largest batch, heat maps
+            self.classifier = classifier
+        return self.classifier
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = config.max_upload_mb * 1e6 * config.max_files + 1e6
-        if length and length.isdigit() and int(length) > limit:
-            return JSONResponse({"error": {"status": 413, "message": f"request of {int(length)} bytes is over "
-                                           f"the limit of {int(limit)} bytes"}}, status_code=413)
-        return await call_next(request)
+    async def started_batcher(self) -> MicroBatcher:
+        """Started on first use, inside the running event loop (also when no lifespan event is sent)."""
+        if self.batcher is None:
+            self.batcher = MicroBatcher(await self.ready(), self.config, self.metrics)
+            self.batcher.start()
+        return self.batcher
 
-    async def one_photo(upload: UploadFile, explain: bool) -> PhotoResult:
+    @property
+    def serving(self) -> bool:
+        return self.classifier is not None and self.batcher is not None and self.batcher.alive
+
+    async def label(self, upload: UploadFile, explain: bool) -> PhotoResult:
+        """One uploaded photo's result, or its error: admitted only while the server has room for it."""
         started = time.perf_counter()
         name = upload.filename or "upload"
-        classifier = await classifier_ready()
-        limit = int(config.max_upload_mb * 1e6)
-        data = await upload.read(limit + 1)
         try:
-            if len(data) > limit:
-                raise ApiError(413, f"{name}: larger than the {config.max_upload_mb:g} MB upload limit")
+            if self.pending >= self.config.max_pending:
+                raise ApiError(503, f"{name}: the server is busy ({self.pending} photos in hand); "
+                                    f"try again in {RETRY_AFTER_S} s")
+            self.pending += 1
             try:
-                image = await run_in_threadpool(decode_image, data, classifier.image_size, classifier.resize)
-            except BadImageError as e:
-                raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), f"{name}: {e.reason}") from None
-            try:
-                p = await (await batcher()).predict(image, name, explain)
-            except WorkerStoppedError as e:
-                raise ApiError(503, f"{name}: {e}") from None
+                heatmap, p = await self._label(upload, name, explain)
+            finally:
+                self.pending -= 1
         except ApiError as e:
             return PhotoResult(filename=name, time_ms=(time.perf_counter() - started) * 1000,
                                error=ErrorBody(status=e.status, message=e.message))
-        heatmap = None
-        if explain and p.heatmap is not None:
-            heatmap = await run_in_threadpool(lambda: png_data_url(overlay(image, p.heatmap)))
         return PhotoResult(filename=name, label=p.label, confidence=p.confidence, probabilities=p.probabilities,
                            neither_probability=p.neither_probability, reason=p.reason, heatmap=heatmap,
                            time_ms=(time.perf_counter() - started) * 1000)
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"])
-    async def predict(files: Annotated[list[UploadFile], File(description="One or more photos")],
-                      explain: Annotated[bool, Query(description="Add a heat map per photo (PNG data URL), "
-                                                                 "for models that have them")] = False,
-                      ) -> PredictResponse:
-        """Label photos. Each photo gets its own result; a bad photo gets an `error` entry and the others
-        still succeed. When no photo in the request could be labelled, the response carries the first
-        photo's error status (413, 415, 422 or 503)."""
-        if len(files) > config.max_files:
-            raise ApiError(413, f"{len(files)} photos in one request; the limit is {config.max_files}")
-        results = await asyncio.gather(*(one_photo(f, explain) for f in files))
-        model_id = (await classifier_ready()).model_id
-        if all(r.error for r in results):
-            first = results[0].error
-            body = {"error": first.model_dump(), "model_id": model_id, "results": [r.model_dump() for r in results]}
-            return JSONResponse(body, status_code=first.status)
-        return PredictResponse(model_id=model_id, results=list(results))
+    async def _label(self, upload: UploadFile, name: str, explain: bool) -> tuple[str | None, Prediction]:
+        classifier = await self.ready()
+        limit = int(self.config.max_upload_mb * 1e6)
+        data = await upload.read(limit + 1)
+        await upload.close()
+        if len(data) > limit:
+            raise ApiError(413, f"{name}: larger than the {self.config.max_upload_mb:g} MB upload limit")
+        if self._decode_slots is None:
+            self._decode_slots = asyncio.Semaphore(self.threads)
+            self._decode_pixels = PixelBudget(int(self.config.max_megapixels * 1e6))
+        try:
+            async with self._decode_pixels.hold(header_pixels(data)), self._decode_slots:
+                image = await run_in_threadpool(decode_image, data, classifier.image_size, classifier.resize,
+                                                int(self.config.max_megapixels * 1e6))
+        except BadImageError as e:
+            raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), f"{name}: {e.reason}") from None
+        del data  # the decoded photo is all that is kept while it waits for the model
+        try:
+            p = await (await self.started_batcher()).predict(image, name, explain)
+        except WorkerStoppedError as e:
+            raise ApiError(503, f"{name}: {e}") from None
+        heatmap = None
+        if explain and p.heatmap is not None:
+            heatmap = await run_in_threadpool(lambda: png_data_url(overlay(image, p.heatmap)))
+        return heatmap, p
 
-    @app.get("/v1/health", response_model=HealthResponse, tags=["service"])
-    async def health() -> HealthResponse:
-        """Liveness, and whether the model is loaded."""
-        clf = state["classifier"]
-        return HealthResponse(status="ok", model_loaded=clf is not None, model_id=clf.model_id if clf else None)
 
-    @app.get("/v1/model", response_model=ModelResponse, tags=["service"])
-    async def model() -> ModelResponse:
-        """What a client needs of the model: its id, classes, input size, threshold, mirror averaging, validation
-        metrics and "neither" rules (kind and cut; null when the model never answers "neither")."""
-        clf = await classifier_ready()
-        return ModelResponse(model_id=clf.model_id, classes=clf.classes, image_size=clf.image_size,
-                             threshold=clf.threshold, tta=clf.tta, metrics=clf.metadata.get("metrics"),
-                             neither={"rules": clf.neither_cuts} if clf.neither_rules else None)
+def service(request: Request) -> ServiceState:
+    return request.app.state.service
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics():
-        return metrics.exposition()
+api = APIRouter()
 
+
+@api.post("/v1/predict", response_model=PredictResponse, tags=["predict"],
+          responses=error_docs(401, 408, 413, 415, 422, 500, 503))
+async def predict(request: Request,
+                  files: Annotated[list[UploadFile], File(description="One or more photos")],
+                  explain: Annotated[bool, Query(description="Add a heat map per photo (PNG data URL), "
+                                                             "for models that have them")] = False,
+                  ) -> PredictResponse:
+    """Label photos. Each photo gets its own result; a bad photo gets an `error` entry and the others
+    still succeed. When no photo in the request could be labelled, the response carries the first
+    photo's error status (413, 415, 422 or 503)."""
+    state = service(request)
+    results = await asyncio.gather(*(state.label(f, explain) for f in files))
+    model_id = (await state.ready()).model_id
+    if all(r.error for r in results):
+        first = results[0].error
+        body = {"error": first.model_dump(), "model_id": model_id, "results": [r.model_dump() for r in results]}
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if first.status == 503 else None
+        return JSONResponse(body, status_code=first.status, headers=headers)
+    return PredictResponse(model_id=model_id, results=list(results))
+
+
+@api.get("/v1/health", response_model=HealthResponse, tags=["service"],
+         responses=error_docs(500) | {503: {"model": HealthResponse, "description": "The model is not serving"}})
+async def health(request: Request) -> HealthResponse | JSONResponse:
+    """Whether the model is loaded and its worker is serving: 200 if so, 503 (same body) if not. An app mounted
+    in another (no lifespan events) loads its model here, at the first health check."""
+    state = service(request)
+    with contextlib.suppress(Exception):  # a model that cannot load is reported as not serving
+        await state.started_batcher()
+    clf = state.classifier
+    answer = HealthResponse(status="ok" if state.serving else "unavailable", model_loaded=clf is not None,
+                            model_id=clf.model_id if clf else None)
+    return answer if state.serving else JSONResponse(answer.model_dump(), status_code=503)
+
+
+@api.get("/v1/model", response_model=ModelResponse, tags=["service"], responses=error_docs(401, 500, 503))
+async def model(request: Request) -> ModelResponse:
+    """What a client needs of the model: its id, classes, input size, threshold, mirror averaging, validation
+    metrics and "neither" rules (kind and cut; null when the model never answers "neither")."""
+    clf = await service(request).ready()
+    return ModelResponse(model_id=clf.model_id, classes=clf.classes, image_size=clf.image_size,
+                         threshold=clf.threshold, tta=clf.tta, metrics=clf.metadata.get("metrics"),
+                         neither={"rules": clf.neither_cuts} if clf.neither_rules else None)
+
+
+@api.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@api.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request):
+    return service(request).metrics.exposition()
+
+
+async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and str(exc.detail).startswith("Too many files"):  # Starlette's part limit
+        limit = service(request).config.max_files
+        return error_response(413, f"more than {limit} photos in one request; the limit is {limit}")
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", []))
+    return error_response(422, f"malformed request: {where}: {first.get('msg', 'invalid')}")
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    return error_response(500, f"internal server error ({type(exc).__name__}); it has been logged")
+
+
+def create_app(bundle: str | Path | None = None, config: ServeConfig | None = None,
+               classifier: Classifier | None = None) -> FastAPI:
+    """The app over `bundle` (default: the shipped default model), or over an already loaded `classifier`."""
+    config = config or ServeConfig()
+    state = ServiceState(bundle, config, classifier)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.started_batcher()  # load the model before the first request
+        yield
+        await state.batcher.stop()
+
+    app = FastAPI(title="catdogcnn", version="1", lifespan=lifespan,
+                  description="Cats-vs-dogs photo classifier. Every error is JSON: "
+                              '`{"error": {"status": ..., "message": ...}}`.')
+    app.state.service = state
+    app.include_router(api, form_limits={"max_files": config.max_files, "max_fields": config.max_files})
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(ServiceMiddleware, metrics=metrics, api_key=config.api_key,
-                       request_timeout_s=config.request_timeout_s)
+    app.add_middleware(ServiceMiddleware, metrics=state.metrics, api_key=config.api_key,
+                       request_timeout_s=config.request_timeout_s, max_body_bytes=config.max_request_bytes)
     if config.cors_origins:  # outermost: a browser's preflight is answered without the API key
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key"])
     return app
-
-
-def serve(bundle: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-          config: ServeConfig | None = None, workers: int = 1, shutdown_timeout_s: float = 20) -> None:
-    """Serve until SIGTERM or Ctrl-C, in `workers` processes (see service.py)."""
-    from catdogcnn.service import run
-
-    run(str(bundle) if bundle else None, host, port, config or ServeConfig(), workers, shutdown_timeout_s)

@@ -1,29 +1,23 @@
 """What a service reachable beyond the machine needs around the HTTP API: Prometheus metrics, an optional API
-key, a deadline for uploads, allowed CORS origins, several worker processes and a bounded graceful stop.
+key, a deadline for uploads and the one JSON error envelope. A leaf: it imports nothing of the app.
 
 - `/metrics` (Prometheus text format): requests by route and status, request latency by route, photos per
   model call. With several workers the figures are summed over all of them (prometheus-client's
   multiprocess mode, in a temporary folder that `run` makes).
-- API key (`ServeConfig.api_key`): `/v1/predict`, `/v1/model` and `/metrics` answer 401 without it, sent as
-  `Authorization: Bearer KEY` or `X-API-Key: KEY` and compared in constant time. `/v1/health` (for load
-  balancers), the page and its static files, and the API docs stay open: they show nothing private, and the
-  page asks for the key when the API answers 401.
+- API key (`ServeConfig.api_key`): denied by default. Every path answers 401 without it but the open ones
+  (`OPEN_PATHS`, `/static/`): the page, `/v1/health` (for load balancers) and the API docs, which show nothing
+  private (the page asks for the key when the API answers 401). Paths are taken relative to where the app is
+  mounted, so a prefix changes nothing. Sent as `Authorization: Bearer KEY` (the scheme in any case) or
+  `X-API-Key: KEY`, compared in constant time.
 - Uploads must arrive within `request_timeout_s`, or the request gets 408 and its connection is closed: a
   stalled or very slow client cannot hold a request open. Idle keep-alive connections close after 5 s.
-- SIGTERM (or Ctrl-C): the server stops accepting connections, finishes the requests in flight for up to
-  `shutdown_timeout_s`, then cancels what is left and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import hmac
-import json
 import os
-import shutil
-import tempfile
 import time
 
 from catdogcnn.extras import needs_extra
@@ -34,9 +28,9 @@ with needs_extra("serve"):
     from starlette.responses import JSONResponse, Response
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-SERVE_ENV = "CATDOGCNN_SERVE"  # how `run` hands the bundle and settings to worker processes
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-KEYED_PATHS = ("/v1/predict", "/v1/model", "/metrics")
+OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"})
+OPEN_PREFIXES = ("/static/",)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -61,106 +55,94 @@ class Metrics:
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """Every error the service answers, in one shape: `{"error": {"status": ..., "message": ...}}`."""
     return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
 
 
 class ServiceMiddleware:
     """Pure ASGI middleware (an upload's deadline wraps `receive`, which Starlette's BaseHTTPMiddleware hides):
-    the API key, the upload deadline, and the request metrics."""
+    the API key, the request's size and deadline, and the request metrics.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None, request_timeout_s: float):
+    The body is counted as it streams in, chunked or not: past `max_body_bytes` (or declared past it in
+    Content-Length) the request gets 413 and its connection is closed, as a request still arriving after
+    `request_timeout_s` gets 408. Either way the app reads no further: it is told the client has gone."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None, request_timeout_s: float,
+                 max_body_bytes: int):
         self.app, self.metrics, self.request_timeout_s = app, metrics, request_timeout_s
+        self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
 
     def key_accepted(self, scope: Scope) -> bool:
         headers = dict(scope["headers"])
-        given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
-        return hmac.compare_digest(given, self.api_key)
+        given = headers.get(b"x-api-key", b"").strip()
+        if not given:
+            scheme, _, credentials = headers.get(b"authorization", b"").strip().partition(b" ")
+            given = credentials.strip() if scheme.lower() == b"bearer" else b""
+        return bool(given) and hmac.compare_digest(given, self.api_key)
+
+    @staticmethod
+    def is_open(scope: Scope) -> bool:
+        """Whether a path needs no key: relative to where the app is mounted, in OPEN_PATHS or OPEN_PREFIXES."""
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+    def declared_too_large(self, scope: Scope) -> bool:
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        return length.isdigit() and int(length) > self.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500  # unless a response starts
-        deadline, body_done, timed_out = started + self.request_timeout_s, False, False
+        deadline, body_done, body_bytes = started + self.request_timeout_s, False, 0
+        cut_short: tuple[int, str] | None = None  # the answer that replaces the app's when the body is cut short
 
         async def send_recorded(message: Message) -> None:
             nonlocal status
-            if timed_out:  # the app's answer to a body cut short is replaced by the 408 below
+            if cut_short:  # the app's answer to a body cut short is replaced below
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
-        async def receive_before_deadline() -> Message:
-            nonlocal body_done, timed_out
-            if body_done:  # later reads wait for a disconnect: no deadline there
+        async def receive_within_limits() -> Message:
+            nonlocal body_done, body_bytes, cut_short
+            if body_done or cut_short:  # later reads wait for a disconnect: no deadline there
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
             except TimeoutError:
-                timed_out = True
+                cut_short = (408, f"the request did not arrive within {self.request_timeout_s:g} s")
                 return {"type": "http.disconnect"}  # the app stops reading, as if the client had gone
+            body_bytes += len(message.get("body", b""))
+            if body_bytes > self.max_body_bytes:
+                cut_short = (413, f"request over the limit of {self.max_body_bytes} bytes")
+                return {"type": "http.disconnect"}
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         try:
-            if self.api_key and scope["path"] in KEYED_PATHS and not self.key_accepted(scope):
+            if self.api_key and not self.is_open(scope) and not self.key_accepted(scope):
                 await error_response(401, "missing or wrong API key (send it as 'Authorization: Bearer KEY' or "
                                      "'X-API-Key: KEY')", {"WWW-Authenticate": "Bearer"})(scope, receive,
                                                                                          send_recorded)
                 return
-            try:
-                await self.app(scope, receive_before_deadline, send_recorded)
-            except Exception:
-                if not timed_out:
-                    raise
-            if timed_out:
-                timed_out = False
-                await error_response(408, f"the request did not arrive within {self.request_timeout_s:g} s",
-                                     {"Connection": "close"})(scope, receive, send_recorded)
+            if self.declared_too_large(scope):
+                cut_short = (413, f"request over the limit of {self.max_body_bytes} bytes")
+            else:
+                try:
+                    await self.app(scope, receive_within_limits, send_recorded)
+                except Exception:
+                    if not cut_short:
+                        raise
+            if cut_short:
+                answer, cut_short = cut_short, None
+                await error_response(*answer, {"Connection": "close"})(scope, receive, send_recorded)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")  # the route's pattern: few label values
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-
-def app_from_environment():
-    """The app a worker process serves: the bundle and settings that `run` put in the environment."""
-    from catdogcnn.serve import ServeConfig, create_app
-
-    settings = json.loads(os.environ[SERVE_ENV])
-    return create_app(settings["bundle"], ServeConfig(**settings["config"]))
-
-
-def few_malloc_arenas(count: int = 2) -> None:
-    """Let the server's threads share `count` glibc malloc arenas. By default each thread that meets another in
-    malloc gets an arena of its own (up to 8 per core), keeping its freed memory: under load the thread pool that
-    decodes uploads grew resident memory by 16% over minutes. Process-wide, for the server process, which is the
-    command's own; worker processes read the variable at start. A no-op where the C library is not glibc."""
-    os.environ.setdefault("MALLOC_ARENA_MAX", str(count))
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, count)  # M_ARENA_MAX in glibc's malloc.h
-
-
-def run(bundle: str | None, host: str, port: int, config, workers: int = 1, shutdown_timeout_s: float = 20,
-        log_level: str = "info") -> None:
-    """Serve with uvicorn: `workers` processes, each with its own model, sharing the port; SIGTERM stops them
-    gracefully within `shutdown_timeout_s`."""
-    from dataclasses import asdict
-
-    with needs_extra("serve"):
-        import uvicorn
-
-    os.environ[SERVE_ENV] = json.dumps({"bundle": bundle, "config": asdict(config)})
-    few_malloc_arenas()
-    metrics_dir = None
-    if workers > 1 and not os.environ.get(MULTIPROCESS_ENV):
-        metrics_dir = tempfile.mkdtemp(prefix="catdogcnn-metrics-")
-        os.environ[MULTIPROCESS_ENV] = metrics_dir
-    try:
-        uvicorn.run("catdogcnn.service:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                    timeout_graceful_shutdown=shutdown_timeout_s, timeout_keep_alive=5, log_level=log_level)
-    finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)

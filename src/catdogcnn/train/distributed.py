@@ -11,7 +11,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from catdogcnn.errors import UserError
 from catdogcnn.train.run import Run
+
+LAUNCHER_OPTIONS = {"--nproc", "--nnodes", "--rdzv-endpoint", "--join-timeout"}
 
 
 def init_distributed() -> tuple[int, int]:
@@ -57,3 +60,35 @@ def leave(world: int) -> None:
     """Leave the process group (after `end_training`)."""
     if world > 1:
         dist.destroy_process_group()
+
+
+def launch(argv: list[str], nproc: int, nnodes: int, rdzv_endpoint: str | None, join_timeout: int) -> int:
+    """Run the command `argv` (less the launcher's own options) as `nproc` processes on each of `nnodes` machines
+    (torchrun, in this process); its exit code. A machine that never joins is one UserError line, not torchrun's
+    traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+    from torch.distributed.run import parse_args, run
+
+    args, skip = [], False
+    for arg in argv:
+        if skip or arg.split("=", 1)[0] in LAUNCHER_OPTIONS:
+            skip = not skip and "=" not in arg
+            continue
+        args.append(arg)
+    where = (["--standalone"] if nnodes == 1 else
+             [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=catdogcnn",
+              f"--rdzv-conf=join_timeout={join_timeout}"])
+    try:
+        run(parse_args([*where, f"--nproc_per_node={nproc}", "-m", "catdogcnn", *args]))
+    except RendezvousTimeoutError:
+        raise UserError(f"{rdzv_endpoint}: not all {nnodes} machines joined within {join_timeout} s; start the same "
+                        "command on each machine, all with this --rdzv-endpoint") from None
+    except RendezvousError as e:  # e.g. the first machine's endpoint cannot be reached
+        raise UserError(f"{rdzv_endpoint}: the machines could not meet there ({e})") from None
+    except SignalException:  # Ctrl-C or a stop signal to the launcher: the processes were stopped
+        return 130
+    except ChildFailedError as e:  # the processes printed their own errors; a signal's exit code is negative
+        return abs(e.get_first_failure()[1].exitcode) or 1
+    return 0
