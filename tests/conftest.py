@@ -367,6 +367,18 @@ def jpeg_bytes(seed: int = 0, size: int = 96, mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
+def heic_photo(size: tuple[int, int] = (80, 40), orientation: int | None = None) -> bytes:
+    """A HEIC photo as an iPhone writes one: left half blue, right half red; EXIF orientation when given."""
+    image = Image.new("RGB", size, (200, 0, 0))
+    image.paste((0, 0, 200), (0, 0, size[0] // 2, size[1]))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="HEIF", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The command line as a user runs it: a subprocess of the installed console script."""
     exe = shutil.which("catdogcnn") or sys.executable
@@ -392,7 +404,7 @@ def _as_fixture(helper):
 
 
 # The helpers as fixtures of the same names (the module-level functions stay for code that still imports them).
-for _helper in (synthetic_photo, make_class_folder, write_bad_files, png_with_size, run_cli, jpeg_bytes):
+for _helper in (synthetic_photo, make_class_folder, write_bad_files, png_with_size, run_cli, jpeg_bytes, heic_photo):
     globals()[f"_{_helper.__name__}_fixture"] = _as_fixture(_helper)
 
 

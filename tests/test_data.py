@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import heic_photo
 from PIL import Image
 
 from catdogcnn import data as D
@@ -250,3 +251,26 @@ def test_palette_and_16_bit_photos_keep_their_pixels():
     decoded = D.decode_image(buffer.getvalue())
     assert np.array_equal(decoded[..., 0], np.round(deep / 257).astype(np.uint8)) and (decoded[..., 0] ==
                                                                                        decoded[..., 2]).all()
+
+
+def test_iphone_photos_are_read_and_turned_as_jpegs_are(tmp_path):
+    data = heic_photo()
+    assert data[4:12] == b"ftypheic"
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(data)
+    upright = D.decode_image(path)
+    assert upright.shape == (40, 80, 3) and upright[20, 10, 2] > 150 and upright[20, 70, 0] > 150
+    turned = D.decode_image(heic_photo(orientation=6))  # shot with the phone on its side: turned 90 degrees
+    jpeg = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).save(jpeg, "JPEG", quality=95, exif=exif.tobytes())
+    as_jpeg = D.decode_image(jpeg.getvalue())
+    assert turned.shape == as_jpeg.shape == (80, 40, 3)
+    assert np.abs(turned.astype(int) - as_jpeg).mean() < 8  # the same picture, the same way up
+
+
+def test_a_damaged_heic_is_corrupt_not_unknown():
+    with pytest.raises(D.BadImageError, match="corrupt image \\(starts like HEIC") as info:
+        D.decode_image(heic_photo()[:200])
+    assert info.value.kind != "not_image"

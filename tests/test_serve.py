@@ -46,6 +46,11 @@ def test_predict_one_photo(client):
     assert body["model_id"].startswith("seed_cnn-")
 
 
+def test_an_iphone_photo_is_labelled(client, heic_photo):
+    r = post(client, ("IMG_0001.HEIC", heic_photo((96, 96)), "image/heic"))
+    assert r.status_code == 200 and r.json()["results"][0]["label"] in ("cats", "dogs")
+
+
 def test_a_bad_photo_does_not_spoil_the_others(client):
     r = post(client, ("a.jpg", jpeg(1), "image/jpeg"), ("notes.txt", b"hello", "text/plain"),
              ("b.jpg", jpeg(2), "image/jpeg"))

@@ -15,6 +15,7 @@ import typer
 
 from catdogcnn.cli_data import data_app
 from catdogcnn.cli_errors import fail, user_errors
+from catdogcnn.cli_sort import sort
 from catdogcnn.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -138,6 +139,9 @@ def predict(
     if problems:
         typer.echo("; ".join(problems), err=True)
         raise typer.Exit(1)
+
+
+app.command("sort")(sort)
 
 
 def _label_to_file(classifier, photos: list[Path], output: Path, batch_size: int | None, flush_every: int,

@@ -2,8 +2,8 @@
 
 Two layouts are accepted: the seed's (`DIR/training_set/<class>`, `DIR/test_set/<class>`, optionally
 `DIR/extra_set/<class>`) and a plain `DIR/<class>`. Class names are the sorted sub-folder names.
-This module needs numpy and Pillow only: training and inference both decode through `decode_image`,
-so a photo becomes the same pixels in both.
+This module needs numpy and Pillow (with pillow-heif for iPhone photos) only: training and inference both decode
+through `decode_image`, so a photo becomes the same pixels in both.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
 from catdogcnn.bundle import atomic_output, atomic_write
@@ -39,9 +40,14 @@ SPLIT_FOLDERS = {"train": "training_set", "test": "test_set", "extra": "extra_se
 MAX_IMAGE_PIXELS = 178_956_970
 # Larger files are refused before they are read: room for an uncompressed RGBA photo at the pixel limit.
 MAX_FILE_BYTES = 4 * MAX_IMAGE_PIXELS
+# iPhone photos (HEIC/HEIF) open in Pillow like any other format, wherever photos are read. libheif applies the
+# photo's rotation itself and resets its EXIF orientation to 1, so exif_transpose below never turns it twice.
+pillow_heif.register_heif_opener()
 # Leading bytes of formats we know: a file that starts like one but will not open is corrupt, not "not an image".
 MAGIC = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"RIFF": "WebP", b"BM": "BMP",
          b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"heif": "HEIF",
+               b"avif": "AVIF"}  # ISO base media files: the brand follows "ftyp" at byte 4
 CACHE_VERSION = 2
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
@@ -272,6 +278,8 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
         raise BadImageError(name, f"too large: decompression bomb refused ({e})", "bomb") from None
     except UnidentifiedImageError:
         kind = next((fmt for magic, fmt in MAGIC.items() if data.startswith(magic)), None)
+        if data[4:8] == b"ftyp":
+            kind = HEIF_BRANDS.get(data[8:12], "HEIF")
         if kind:
             raise BadImageError(name, f"corrupt image (starts like {kind} but cannot be read)") from None
         raise BadImageError(name, "not an image (unknown format)", "not_image") from None
