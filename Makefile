@@ -9,7 +9,7 @@ NEITHER ?= $(or $(CATDOGCNN_NEITHER),../shared/data/not_pets)
 PETS ?= $(or $(CATDOGCNN_PETS),../shared/data/pet_breeds)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install serve predict test engines browser postgres docs fuzz lint bench model seed-model scratch-model clean
+.PHONY: install serve predict test engines browser postgres web docs fuzz lint bench model seed-model scratch-model clean
 
 install: $(VENV)/.installed-all
 
@@ -29,7 +29,7 @@ serve: $(VENV)/.installed-serve
 predict: $(VENV)/.installed-core
 	$(BIN)/catdogcnn predict $(PHOTOS)
 
-test: install browser postgres
+test: install browser postgres web
 	$(BIN)/python -m pytest -q
 
 ## Only the tests that start engines: PostgreSQL, Ray, torchrun across two nodes, several server processes.
@@ -41,6 +41,18 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
 		echo "could not install chromium: the browser tests will be skipped"; }
+
+## The page's in-browser runtime: onnxruntime-web from npm, at the version and integrity web/package-lock.json
+## pins, copied into the package's static files (outside git; the wheel carries them). Without npm the page's local
+## mode is unavailable and its tests skip, saying so.
+ORT_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+web: src/catdogcnn/static/ort/.installed
+
+src/catdogcnn/static/ort/.installed: web/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: the page's local mode will be unavailable"; exit 0; }; \
+		cd web && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error && mkdir -p ../src/catdogcnn/static/ort && \
+		cp $(addprefix node_modules/onnxruntime-web/dist/,$(ORT_FILES)) ../src/catdogcnn/static/ort/ && \
+		touch ../src/catdogcnn/static/ort/.installed
 
 ## PostgreSQL's programs for the shared-study test, which starts a server of its own in a temporary folder
 ## (Debian package; told not to create the system's cluster, so no service starts); the test skips without them.

@@ -270,7 +270,7 @@ def test_every_shipped_model_describes_itself_as_its_bundle_says(name):
 
 def test_page_and_docs(client):
     page = client.get("/")
-    assert page.status_code == 200 and "Cat or dog?" in page.text and "/static/app.js" in page.text
+    assert page.status_code == 200 and "Cat or dog?" in page.text and "static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
     schema = client.get("/openapi.json").json()
     responses = schema["paths"]["/v1/predict"]["post"]["responses"]

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from catdogcnn.cli_errors import fail, user_errors
+from catdogcnn.cli_common import fail, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a photo folder.")
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from catdogcnn.cli_errors import fail, user_errors
+from catdogcnn.cli_common import ModelOption, fail, user_errors
 
 
 @user_errors
@@ -21,8 +21,7 @@ def sort(
     move: Annotated[bool, typer.Option("--move", help="Move them; safe to kill at any moment: a rerun finishes "
                                        "the job.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print what would go where; touch nothing.")] = False,
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model bundle folder or shipped name.")]
-    = None,
+    model: ModelOption = None,
 ) -> None:
     """Sort photos into one folder per class and neither/; unreadable photos are listed, never moved. Never
     overwrites: a name taken gets a suffix. A rerun skips the photos already sorted."""

@@ -48,7 +48,7 @@ MAGIC = {b"\xff\xd8": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"RIFF": "WebP"
          b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"heif": "HEIF",
                b"avif": "AVIF"}  # ISO base media files: the brand follows "ftyp" at byte 4
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
@@ -241,6 +241,17 @@ def flat_photos(images: np.ndarray, max_std: float) -> np.ndarray:
                      for image in images], bool)
 
 
+def resize_square(img: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:
+    """`img` squashed to `size` x `size`: Pillow's resampling as two explicit passes, the rows, then the columns.
+    A two-axis Pillow resize picks its own order of passes, which moves some pixels by one level; a fixed order is
+    one the page's in-browser port (static/local.js) follows exactly."""
+    if img.width != size:
+        img = img.resize((size, img.height), RESAMPLE[resample], reducing_gap=None)
+    if img.height != size:
+        img = img.resize((size, size), RESAMPLE[resample], reducing_gap=None)
+    return img
+
+
 def decode_image(source: ImageSource, size: int | None = None, resample: str = "bilinear",
                  max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one photo to a uint8 RGB array, resized (squashed) to `size` x `size` when given.
@@ -270,7 +281,7 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img, keep_grey=bool(size))
             if size:
-                img = img.resize((size, size), RESAMPLE[resample], reducing_gap=None)
+                img = resize_square(img, size, resample)
             arr = np.asarray(img.convert("RGB") if img.mode == "L" else img, dtype=np.uint8)
     except BadImageError:
         raise

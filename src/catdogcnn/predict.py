@@ -186,6 +186,13 @@ class Classifier:
         below it)."""
         return [{"kind": rule["kind"], "cut": float(rule[RULE_CUTS[rule["kind"]]])} for rule in self.neither_rules]
 
+    def description(self) -> dict:
+        """What a client needs of the model (the API's /v1/model): id, classes, input size, threshold, mirror
+        averaging, validation metrics and "neither" rules (kind and cut; None when it never answers "neither")."""
+        return {"model_id": self.model_id, "classes": self.classes, "image_size": self.image_size,
+                "threshold": self.threshold, "tta": self.tta, "metrics": self.metadata.get("metrics"),
+                "neither": {"rules": self.neither_cuts} if self.neither_rules else None}
+
     def __repr__(self) -> str:
         return f"Classifier({self.model_id!r}, classes={self.classes}, threshold={self.threshold})"
 

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
+from catdogcnn.bundle import graph_path
 from catdogcnn.data import BadImageError, decode_image, header_pixels
 from catdogcnn.explain import overlay, png_data_url
 from catdogcnn.extras import needs_extra
@@ -133,6 +134,12 @@ class ModelResponse(BaseModel):
     tta: bool  # whether each photo is averaged with its mirror image
     metrics: dict[str, Any] | None  # validation metrics, as the bundle records them
     neither: NeitherRules | None  # null: the model never answers "neither"
+
+
+class LimitsResponse(BaseModel):
+    max_upload_mb: float  # per photo
+    max_megapixels: float  # per photo, read from its header
+    max_files: int  # photos in one request
 
 
 ERROR_TEXT = {
@@ -363,10 +370,31 @@ async def health(request: Request) -> HealthResponse | JSONResponse:
 async def model(request: Request) -> ModelResponse:
     """What a client needs of the model: its id, classes, input size, threshold, mirror averaging, validation
     metrics and "neither" rules (kind and cut; null when the model never answers "neither")."""
+    return ModelResponse(**(await service(request).ready()).description())
+
+
+@api.get("/v1/limits", response_model=LimitsResponse, tags=["service"], responses=error_docs(401, 500))
+async def limits(request: Request) -> LimitsResponse:
+    """What this server accepts: a photo's size in MB and megapixels, photos in one request."""
+    config = service(request).config
+    return LimitsResponse(max_upload_mb=config.max_upload_mb, max_megapixels=config.max_megapixels,
+                          max_files=config.max_files)
+
+
+@api.get("/v1/bundle/bundle.json", tags=["service"], responses=error_docs(401, 500, 503))
+async def model_bundle(request: Request) -> JSONResponse:
+    """The served bundle's bundle.json as it is: everything the page needs to label photos on the device (input
+    size, classes, threshold, "neither" rules with their weights and cuts)."""
+    return JSONResponse((await service(request).ready()).metadata)
+
+
+@api.get("/v1/bundle/graph", tags=["service"], responses=error_docs(401, 500, 503),
+         response_class=FileResponse)
+async def model_graph(request: Request) -> FileResponse:
+    """The served bundle's ONNX graph (what onnxruntime-web runs in the page's local mode)."""
     clf = await service(request).ready()
-    return ModelResponse(model_id=clf.model_id, classes=clf.classes, image_size=clf.image_size,
-                         threshold=clf.threshold, tta=clf.tta, metrics=clf.metadata.get("metrics"),
-                         neither={"rules": clf.neither_cuts} if clf.neither_rules else None)
+    return FileResponse(graph_path(clf.bundle, clf.metadata), media_type="application/octet-stream",
+                        filename=clf.metadata["graph"]["file"])
 
 
 @api.get("/", include_in_schema=False)

@@ -31,6 +31,10 @@ with needs_extra("serve"):
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
+# The page is cross-origin isolated, so that onnxruntime-web may run the model on several threads in the browser
+# (SharedArrayBuffer needs it); the page loads nothing from other origins.
+ISOLATION_HEADERS = [(b"cross-origin-opener-policy", b"same-origin"),
+                     (b"cross-origin-embedder-policy", b"require-corp")]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -107,6 +111,7 @@ class ServiceMiddleware:
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *ISOLATION_HEADERS]}
             await send(message)
 
         async def receive_within_limits() -> Message:

@@ -97,8 +97,8 @@ def decode_presized(paths: list[Path], image_size: int, resample: str, presize: 
             continue
         img = Image.fromarray(result)
         if presize and max(img.size) > presize:
-            img = img.resize((presize, presize), D.RESAMPLE[resample], reducing_gap=None)
-        images.append(np.asarray(img.resize((image_size, image_size), D.RESAMPLE[resample], reducing_gap=None)))
+            img = D.resize_square(img, presize, resample)
+        images.append(np.asarray(D.resize_square(img, image_size, resample)))
         kept.append(path)
     return (np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)), kept
 

@@ -1,10 +1,13 @@
-"""How every command reports what a user can fix: one line on stderr, `error: ...`, and exit code 2."""
+"""What every command shares: what a user can fix is one line on stderr, `error: ...`, and exit code 2; the
+--model option."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -37,3 +40,7 @@ def user_errors(func):
             raise fail(str(e)) from None
 
     return wrapper
+
+
+ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model bundle folder, or a shipped bundle's "
+                                                  "name: default, seed_cnn, resnet_small (default: default).")]
