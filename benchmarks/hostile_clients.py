@@ -34,10 +34,7 @@ import numpy as np
 from PIL import Image
 from results_page import add_write_option, recorded  # sibling scripts' helpers
 from serve_load import start_server
-from serve_soak import Tally, client
-
-from catdogcnn.data import scan_folder
-from catdogcnn.predict import load_classifier
+from serve_soak import Tally, client, reference_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOD_MB, PARTS = 400, 1000  # the flood: past the default request cap of 321 MB (32 photos of 10 MB)
@@ -183,12 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     title = "Hostile clients beside good ones (`benchmarks/hostile_clients.py`)"
     with recorded(args.write, "hostile_clients.py", title):
-        _, samples = scan_folder(args.data / "test_set")
-        paths = [s.path for s in samples[:: max(1, len(samples) // 400)][:400]]
-        reference = load_classifier(args.model)  # the labels the server must give
-        photos = [(p.name, p.read_bytes(), pred.label) for p, pred in zip(paths, reference.predict_many(paths),
-                                                                           strict=True)]
-        del reference
+        photos = reference_photos(args.data, args.model)
         big = big_photos()
         server, url, cmd = start_server(["--model", args.model] if args.model else [])
         try:

@@ -43,6 +43,14 @@ def bad_uploads(jpeg: bytes) -> list[tuple[str, bytes, int]]:
             ("bomb.png", png_with_size(40_000, 40_000), 413)]
 
 
+def reference_photos(data: Path, model: str | None, count: int = 400) -> list[tuple[str, bytes, str]]:
+    """`count` test_set photos spread over the folder: (name, bytes, the label the same model gives here)."""
+    _, samples = scan_folder(data / "test_set")
+    paths = [s.path for s in samples[:: max(1, len(samples) // count)][:count]]
+    reference = load_classifier(model)
+    return [(p.name, p.read_bytes(), pred.label) for p, pred in zip(paths, reference.predict_many(paths), strict=True)]
+
+
 def resident_mb(pid: int) -> float:
     """Resident memory of a process and its children (uvicorn's workers), from /proc."""
     total = 0.0
@@ -137,12 +145,7 @@ def main() -> None:
     title = "Serving under load, with bad uploads and stalled clients (`benchmarks/serve_soak.py`)"
     with recorded(args.write, "serve_soak.py", title):
 
-        _, samples = scan_folder(args.data / "test_set")
-        paths = [s.path for s in samples[:: max(1, len(samples) // 400)][:400]]
-        reference = load_classifier(args.model)  # the labels the server must give
-        photos = [(p.name, p.read_bytes(), pred.label) for p, pred in zip(paths, reference.predict_many(paths),
-                                                                           strict=True)]
-        del reference
+        photos = reference_photos(args.data, args.model)
         bad = bad_uploads(photos[0][1])
         server, url, cmd = start_server(["--workers", str(args.workers), *(["--model", args.model] if args.model
                                                                            else [])])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import struct
@@ -432,6 +433,24 @@ def start_server(*options: str, env: dict | None = None, timeout_s: float = 120)
                     return server, url
         except OSError:
             time.sleep(0.2)
+
+
+def read_http_response(conn: socket.socket, timeout: float = 30) -> tuple[int | None, bytes]:
+    """(status, body) of the HTTP response on a raw socket, read until its Content-Length is in or the server
+    hangs up; (None, b"") when nothing came. The socket is closed."""
+    conn.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := conn.recv(65536):
+            data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+            if length and len(body) >= int(length.group(1)):
+                break
+    except (ConnectionResetError, TimeoutError):
+        pass
+    conn.close()
+    return (int(data.split(b" ", 2)[1]) if data else None), data.partition(b"\r\n\r\n")[2]
 
 
 @contextmanager

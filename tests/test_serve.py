@@ -6,7 +6,6 @@ import asyncio
 import io
 import itertools
 import os
-import re
 import select
 import socket
 import time
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from conftest import jpeg_bytes as jpeg
-from conftest import live_app
+from conftest import live_app, read_http_response
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -118,7 +117,7 @@ def answer_while_sending(url: str, head: bytes, chunks, seconds: float = 20) -> 
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # what was sent is near what the server read
     conn.connect((host, int(port)))
     conn.sendall(head)
-    sent, deadline, received = 0, time.time() + seconds, b""
+    sent, deadline = 0, time.time() + seconds
     try:
         for data in chunks:
             if select.select([conn], [], [], 0)[0] or time.time() > deadline:
@@ -127,19 +126,9 @@ def answer_while_sending(url: str, head: bytes, chunks, seconds: float = 20) -> 
             sent += len(data)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server closed the connection after answering
-    conn.settimeout(10)
-    try:
-        while piece := conn.recv(65536):
-            received += piece
-            head_part, _, body = received.partition(b"\r\n\r\n")
-            length = re.search(rb"content-length: (\d+)", head_part, re.IGNORECASE)
-            if length and len(body) >= int(length.group(1)):
-                break
-    except (ConnectionResetError, TimeoutError):
-        pass
-    conn.close()
-    assert received, f"no answer after {sent:,} bytes"
-    return int(received.split(b" ", 2)[1]), received.partition(b"\r\n\r\n")[2], sent
+    status, body = read_http_response(conn, 10)
+    assert status, f"no answer after {sent:,} bytes"
+    return status, body, sent
 
 
 def test_a_chunked_body_is_counted_as_it_streams_and_refused_past_the_cap(tiny_bundle):

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from conftest import jpeg_bytes as jpeg
-from conftest import start_server
+from conftest import read_http_response, start_server
 from fastapi.testclient import TestClient
 
 from catdogcnn.serve import ServeConfig, create_app
@@ -119,19 +119,6 @@ def upload_in_halves(url: str, photo: bytes) -> tuple[socket.socket, bytes]:
     return conn, body[len(body) // 2:]
 
 
-def read_response(conn: socket.socket, timeout: float = 30) -> tuple[int, bytes]:
-    conn.settimeout(timeout)
-    data = b""
-    while chunk := conn.recv(65536):
-        data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
-        if length and len(body) >= int(length.group(1)):
-            break
-    conn.close()
-    return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2]
-
-
 @pytest.mark.slow
 def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_requests_on_sigterm(tiny_bundle):
     server, url = start_server("--model", str(tiny_bundle), "--workers", "2", "--request-timeout", "8",
@@ -142,7 +129,7 @@ def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_r
         for seed in range(6):  # the stalled client holds no worker
             r = httpx.post(f"{url}/v1/predict", files={"files": ("a.jpg", jpeg(seed), "image/jpeg")}, timeout=10)
             assert r.status_code == 200
-        status, body = read_response(stalled)
+        status, body = read_http_response(stalled)
         assert status == 408 and b"did not arrive within 8 s" in body and 7.5 < time.time() - started < 20
         for _ in range(4):  # whichever worker answers, the figures are every worker's
             text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -164,7 +151,7 @@ def test_two_workers_time_out_stalled_uploads_sum_metrics_and_finish_in_flight_r
             assert time.time() - told < 4, "new requests still answered 4 s after SIGTERM"
             time.sleep(0.2)
         in_flight.sendall(rest)
-        status, body = read_response(in_flight)
+        status, body = read_http_response(in_flight)
         assert status == 200 and b'"label"' in body
         output, _ = server.communicate(timeout=30)
         assert server.returncode == 0, output

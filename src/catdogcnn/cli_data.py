@@ -32,18 +32,14 @@ def data_check(
         return
     for split, counts in report.counts.items():
         typer.echo(f"{split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()) + f" (total {sum(counts.values())})")
-    typer.echo(f"bad files: {len(report.bad)}")
-    for e in report.bad:
-        typer.echo(f"  {e}")
-    typer.echo(f"blank photos (one flat colour): {len(report.blank)}")
-    for path in report.blank:
-        typer.echo(f"  {path}")
-    typer.echo(f"exact duplicates: {len(report.exact_duplicates)} pair(s)")
-    for pair in report.exact_duplicates:
-        typer.echo(f"  {pair.a} = {pair.b}  [{pair.kind}]")
-    typer.echo(f"near-duplicates (pHash distance <= {near_distance}): {len(report.near_duplicates)} pair(s)")
-    for pair in report.near_duplicates:
-        typer.echo(f"  {pair.a} ~ {pair.b}  [{pair.kind}]")
+    listings = [("bad files", report.bad, str), ("blank photos (one flat colour)", report.blank, str),
+                ("exact duplicates", report.exact_duplicates, lambda p: f"{p.a} = {p.b}  [{p.kind}]"),
+                (f"near-duplicates (pHash distance <= {near_distance})", report.near_duplicates,
+                 lambda p: f"{p.a} ~ {p.b}  [{p.kind}]")]
+    for title, items, line in listings:
+        typer.echo(f"{title}: {len(items)}" + (" pair(s)" if "duplicates" in title else ""))
+        for item in items:
+            typer.echo(f"  {line(item)}")
 
 
 def _download_pets(dest: Path, url: str | None, sha256: str | None) -> None:
