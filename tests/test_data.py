@@ -251,6 +251,9 @@ def test_palette_and_16_bit_photos_keep_their_pixels():
     decoded = D.decode_image(buffer.getvalue())
     assert np.array_equal(decoded[..., 0], np.round(deep / 257).astype(np.uint8)) and (decoded[..., 0] ==
                                                                                        decoded[..., 2]).all()
+    big_endian = io.BytesIO()  # 16-bit TIFFs come in either byte order
+    Image.frombytes("I;16B", (40, 30), deep.astype(">u2").tobytes()).save(big_endian, "TIFF")
+    assert np.array_equal(D.decode_image(big_endian.getvalue()), decoded)
 
 
 def test_iphone_photos_are_read_and_turned_as_jpegs_are(tmp_path):

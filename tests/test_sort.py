@@ -22,7 +22,7 @@ def digests(folder: Path) -> dict[str, list[Path]]:
     """sha256 -> the photos under `folder` with those bytes (the record aside)."""
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != RECORD:
+        if path.is_file() and path.name != RECORD and not path.name.startswith("."):
             found.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path)
     return found
 
@@ -147,3 +147,35 @@ def test_the_command_prints_counts_and_exits_1_for_unreadable_photos(tiny_bundle
     assert len(linked) == 4 and all(p.stat().st_nlink == 2 for p in linked)
     refused = run_cli("sort", photos, "--into", tmp_path / "x", "--copy", "--move", "--model", tiny_bundle)
     assert refused.returncode == 2 and "one of --copy, --link, --move" in refused.stderr
+
+
+def test_a_record_cut_short_by_a_kill_is_mended_and_finished(tiny_bundle, tmp_path, make_class_folder):
+    """A kill can leave the last row half-written: it is dropped (its photo untouched), never read as a move."""
+    photos = make_class_folder(tmp_path / "photos", 3)
+    into = tmp_path / "sorted"
+    clf = load_classifier(tiny_bundle)
+    sort_photos(clf, [photos / "cats"], into)  # copies: the sources stay
+    record_file = into / RECORD
+    text = record_file.read_text()
+    record_file.write_text(text + text.splitlines()[1][:40])  # a row cut after 40 characters
+    (into / ".sorted.done").write_text("1")  # and rows 2-3 not yet counted done
+    summary = sort_photos(clf, [photos], into)
+    rows = record(into)
+    assert len(rows) == 6 and all(r["action"] == "copy" for r in rows)
+    assert len(list(photos.rglob("*.jpg"))) == 6  # a copy never took a source away
+    assert sum(summary.counts[label] for label in ("cats", "dogs", "neither")) == 6
+    record_file.write_text(record_file.read_text() + "garbage,row\n")
+    with pytest.raises(Exception, match="line 8 is not a row"):
+        sort_photos(clf, [photos], into)
+
+
+def test_a_new_photo_at_a_moved_photos_old_path_is_sorted_too(tiny_bundle, tmp_path, make_class_folder,
+                                                              jpeg_bytes):
+    """Cameras reuse names: a new IMG_0001.JPG where a moved one was is a new photo, sorted beside the first."""
+    photos = make_class_folder(tmp_path / "photos", 1)
+    into = tmp_path / "sorted"
+    clf = load_classifier(tiny_bundle)
+    sort_photos(clf, [photos], into, "move")
+    (photos / "cats" / "cats.0.jpg").write_bytes(jpeg_bytes(5))
+    sort_photos(clf, [photos], into, "move")
+    assert not list(photos.rglob("*.jpg")) and len(list(into.rglob("cats.0*.jpg"))) == 2

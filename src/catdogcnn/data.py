@@ -173,12 +173,16 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     a strip of rows at a time: no full-size float copy (a 16 MP 16-bit PNG cost 430 MB that way)."""
     width, height = img.size
     rows = max(1, STRIP_PIXELS // max(1, width))
-    peak = float(img.getextrema()[1])
+
+    def strips() -> Iterator[tuple[int, np.ndarray]]:  # numpy reads every 16-bit order (getextrema does not)
+        for y in range(0, height, rows):
+            yield y, np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.float32)
+
+    peak = max((float(strip.max(initial=0)) for _, strip in strips()), default=0.0)
     peak = max(1.0, peak) if img.mode == "F" else (65535.0 if peak > 255 else 255.0)
     scale = np.float32(255.0 / peak)
     out = np.empty((height, width), np.uint8)
-    for y in range(0, height, rows):
-        strip = np.asarray(img.crop((0, y, width, min(height, y + rows))), dtype=np.float32)
+    for y, strip in strips():
         out[y:y + strip.shape[0]] = np.clip(strip * scale + 0.5, 0, 255)
     return Image.fromarray(out, "L")
 

@@ -258,18 +258,22 @@ class ServiceState:
         self.threads = config.threads or os.cpu_count() or 1
         self._decode_slots: asyncio.Semaphore | None = None  # made in the running loop, at the first photo
         self._decode_pixels: PixelBudget | None = None
+        self._loading = asyncio.Lock()
 
     async def ready(self) -> Classifier:
         if self.classifier is None:
-            classifier = await run_in_threadpool(load_classifier, self.bundle, threads=self.threads)
-            await run_in_threadpool(classifier.warm_up, self.config.max_batch, True)  # largest batch, heat maps
-            self.classifier = classifier
+            async with self._loading:  # two first requests load the model once
+                if self.classifier is None:
+                    classifier = await run_in_threadpool(load_classifier, self.bundle, threads=self.threads)
+                    await run_in_threadpool(classifier.warm_up, self.config.max_batch, True)  # largest batch, maps
+                    self.classifier = classifier
         return self.classifier
 
     async def started_batcher(self) -> MicroBatcher:
         """Started on first use, inside the running event loop (also when no lifespan event is sent)."""
-        if self.batcher is None:
-            self.batcher = MicroBatcher(await self.ready(), self.config, self.metrics)
+        classifier = await self.ready()
+        if self.batcher is None:  # no await between the check and the start: one batcher
+            self.batcher = MicroBatcher(classifier, self.config, self.metrics)
             self.batcher.start()
         return self.batcher
 
@@ -307,10 +311,13 @@ class ServiceState:
         if self._decode_slots is None:
             self._decode_slots = asyncio.Semaphore(self.threads)
             self._decode_pixels = PixelBudget(int(self.config.max_megapixels * 1e6))
+        cap = int(self.config.max_megapixels * 1e6)
+        pixels = header_pixels(data)
         try:
-            async with self._decode_pixels.hold(header_pixels(data)), self._decode_slots:
-                image = await run_in_threadpool(decode_image, data, classifier.image_size, classifier.resize,
-                                                int(self.config.max_megapixels * 1e6))
+            if pixels > cap:  # refused from its header at once (decode_image says why), never queued for the budget
+                decode_image(data, classifier.image_size, classifier.resize, cap)
+            async with self._decode_pixels.hold(pixels), self._decode_slots:
+                image = await run_in_threadpool(decode_image, data, classifier.image_size, classifier.resize, cap)
         except BadImageError as e:
             raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), f"{name}: {e.reason}") from None
         del data  # the decoded photo is all that is kept while it waits for the model

@@ -29,7 +29,8 @@ with needs_extra("serve"):
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"})
+OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                        "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
 # The page is cross-origin isolated, so that onnxruntime-web may run the model on several threads in the browser
 # (SharedArrayBuffer needs it); the page loads nothing from other origins.

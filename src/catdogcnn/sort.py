@@ -3,15 +3,17 @@
     catdogcnn sort ~/Pictures --into ~/Pictures/sorted --move
     sort_photos(load_classifier(), ["photos/"], "sorted/", mode="copy")
 
-Every photo gets a row in `INTO/sorted.csv` (source, destination, label, confidence, action, error) before its
-file is touched: the record a rerun finishes the job from. A photo that cannot be read gets a row with its error
-and stays where it is. A name already taken in its folder gets a suffix (`photo-2.jpg`): nothing is overwritten.
+Every photo gets a row in `INTO/sorted.csv` (source, destination, label, confidence, action, error; absolute
+paths) before its file is touched, and `INTO/.sorted.done` counts the rows whose files are in place: a rerun
+finishes the rows after it, then sorts the photos not in the record. A photo that cannot be read gets a row with
+its error and stays where it is. A name already taken in its folder gets a suffix (`photo-2.jpg`): nothing is
+overwritten.
 
 `--move` loses nothing, whenever it is killed. Within one file system a photo is hard-linked into place and only
 then unlinked from its source; across file systems it is copied under a hidden name, fsynced, renamed into place,
-then unlinked. So at every moment the photo is whole in at least one of its two places, and a rerun reads the
-rows already written: a source still there whose destination holds the same bytes is unlinked, one whose
-destination is missing is moved again, and photos not in the record yet are labelled and sorted. After a run
+then unlinked. So at every moment the photo is whole in at least one of its two places, and a rerun finishes the
+rows not counted done: a source still there whose destination holds the same bytes is unlinked, one whose
+destination is missing is moved again. A row the kill cut short is dropped (its photo was not touched yet). After a run
 that ends, each photo is in exactly one place. `--copy` (the default) and `--link` leave the sources alone.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import csv
 import errno
 import filecmp
+import io
 import os
 import shutil
 from collections import Counter
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from catdogcnn.bundle import atomic_write
 from catdogcnn.errors import UserError
 from catdogcnn.predict import Classifier, expand_photos
 
@@ -64,13 +68,25 @@ def _copy_into_place(source: Path, destination: Path) -> None:
     os.replace(partial, destination)
 
 
+NO_HARD_LINKS = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK}  # other file system, FAT, SMB, too many
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a new name in `folder` durable (before its file's other name is unlinked)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _link_into_place(source: Path, destination: Path, symbolic_fallback: bool) -> bool:
-    """A hard link; False when the two are on different file systems (and no symbolic link was asked for)."""
+    """A hard link; False where the file system cannot make one (and no symbolic link was asked for)."""
     try:
         os.link(source, destination)
         return True
     except OSError as e:
-        if e.errno != errno.EXDEV:
+        if e.errno not in NO_HARD_LINKS:
             raise
     if symbolic_fallback:
         destination.symlink_to(source.resolve())
@@ -102,22 +118,36 @@ def put_in_place(row: dict) -> bool:
     else:
         if not _link_into_place(source, destination, symbolic_fallback=False):
             _copy_into_place(source, destination)
+        _fsync_folder(destination.parent)
         source.unlink()
     return True
 
 
 class Record:
-    """`INTO/sorted.csv`: rows appended and fsynced in batches, before the files they name are touched."""
+    """`INTO/sorted.csv`: rows appended and fsynced in batches, before the files they name are touched; and
+    `INTO/.sorted.done`, how many of its rows are in place (rewritten after each batch): a rerun replays the rest.
+    A row a kill cut short (the last line, unfinished) is dropped: its photos were not touched yet."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self.done_path = path, path.with_name(f".{path.stem}.done")
         self.rows: list[dict] = []
-        if path.exists():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                if reader.fieldnames != COLUMNS:
-                    raise UserError(f"{path}: not a record of `catdogcnn sort` (columns {reader.fieldnames})")
-                self.rows = list(reader)
+        self.done = 0
+        if not path.exists():
+            return
+        with open(path, "r+b") as f:
+            data = f.read()
+            whole = data[: data.rfind(b"\n") + 1]
+            if len(whole) < len(data):
+                f.truncate(len(whole))
+        reader = csv.DictReader(io.StringIO(whole.decode()))
+        if reader.fieldnames != COLUMNS:
+            raise UserError(f"{path}: not a record of `catdogcnn sort` (columns {reader.fieldnames})")
+        for number, row in enumerate(reader, 2):
+            if None in row.values() or None in row or row["action"] not in (*MODES, "none"):
+                raise UserError(f"{path}: line {number} is not a row of `catdogcnn sort`; move the file aside")
+            self.rows.append(row)
+        if self.done_path.exists():
+            self.done = min(len(self.rows), int(self.done_path.read_text() or 0))
 
     def append(self, rows: list[dict]) -> None:
         new = not self.path.exists()
@@ -131,23 +161,29 @@ class Record:
             os.fsync(f.fileno())
         self.rows += rows
 
+    def mark_done(self) -> None:
+        """Every row so far is in place."""
+        self.done = len(self.rows)
+        atomic_write(self.done_path, str(self.done).encode())
+
 
 def _free_name(folder: Path, name: str, taken: set[Path]) -> Path:
     """`folder/name`, or `folder/stem-2.suffix`, `-3`, ... when that is on disk or already planned."""
     stem, suffix = Path(name).stem, Path(name).suffix
     candidate, n = folder / name, 1
-    while candidate in taken or os.path.lexists(candidate):
+    # Compared without case: on a case-insensitive file system IMG_1.JPG and img_1.jpg are one file.
+    while str(candidate).casefold() in taken or os.path.lexists(candidate):
         n += 1
         candidate = folder / f"{stem}-{n}{suffix}"
-    taken.add(candidate)
+    taken.add(str(candidate).casefold())
     return candidate
 
 
 def _plan(classifier: Classifier, photos: list[Path], into: Path, mode: str,
           batch_size: int | None) -> Iterator[dict]:
-    taken: set[Path] = set()
+    taken: set[str] = set()
     for p in classifier.predict_many(photos, batch_size):
-        source = Path(p.source)
+        source = Path(p.source)  # absolute: a rerun from another folder replays the same files
         if not p.ok:
             yield {"source": str(source), "destination": "", "label": UNREADABLE, "confidence": "",
                    "action": "none", "error": p.error}
@@ -163,16 +199,17 @@ def sort_photos(classifier: Classifier, photos: Iterable[str | os.PathLike], int
     """Sort photos (files and folders) into `into/<label>/` (see the module's notes); a rerun resumes."""
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    into = Path(into)
+    into = Path(into).resolve()
     record = Record(into / RECORD)
     summary = SortSummary(into, record.path)
-    if not dry_run:  # an earlier run's rows first: finish what a kill cut short
-        for row in record.rows:
+    if not dry_run and record.done < len(record.rows):  # finish first what a kill cut short
+        for row in record.rows[record.done:]:
             summary.finished += put_in_place(row)
-    seen = {row["source"] for row in record.rows}
-    resolved_into = into.resolve()
-    todo = [p for p in dict.fromkeys(expand_photos(photos))
-            if str(p) not in seen and resolved_into not in p.resolve().parents]
+        record.mark_done()
+    # Photos already sorted are skipped; a moved photo's old path is free again (a new photo may take its name).
+    seen = {row["source"] for row in record.rows if row["action"] != "move"}
+    todo = [p for p in dict.fromkeys(path.resolve() for path in expand_photos(photos))
+            if str(p) not in seen and into not in p.parents]
     plan = _plan(classifier, todo, into, mode, batch_size)
     while batch := list(islice(plan, BATCH)):
         if dry_run:
@@ -181,6 +218,7 @@ def sort_photos(classifier: Classifier, photos: Iterable[str | os.PathLike], int
             record.append(batch)
             for row in batch:
                 put_in_place(row)
+            record.mark_done()
         if on_photo:
             on_photo(len(batch))
     summary.counts = Counter(row["label"] for row in [*record.rows, *summary.planned])

@@ -4,6 +4,7 @@ const $ = (id) => document.getElementById(id);
 const results = $("results");
 const status = $("status");
 let limits = { max_upload_mb: 10, max_megapixels: 40, max_files: 32 };
+const REQUEST_BYTES = 8e6; // one slow phone upload of 32 photos would outlast the server's request timeout
 let model = null; // what /v1/model says
 let local = null; // the model in this browser, once loaded (local.js)
 const rows = []; // one per photo, for the summary and the CSV
@@ -123,8 +124,14 @@ async function classify(given) {
     [el("p", { className: "file", textContent: `${file.name}\u2026` })])));
   status.textContent = `Labelling ${files.length} photo${files.length > 1 ? "s" : ""}${local ? " on this device" : ""}\u2026`;
   let failed = 0;
-  for (let start = 0; start < files.length; start += limits.max_files) { // in turns of what one request may hold
-    const chunk = files.slice(start, start + limits.max_files);
+  const turns = []; // requests of at most max_files photos and REQUEST_BYTES, so that each arrives in good time
+  for (const file of files) {
+    const last = turns[turns.length - 1];
+    const full = !last || last.length >= limits.max_files || last.reduce((n, f) => n + f.size, 0) + file.size > REQUEST_BYTES;
+    if (full) turns.push([file]); else last.push(file);
+  }
+  let start = 0;
+  for (const chunk of turns) {
     let answers;
     try {
       answers = local ? await Promise.all(chunk.map((file) => local.label(file))) : await labelOnServer(chunk);
@@ -132,6 +139,7 @@ async function classify(given) {
       answers = chunk.map(() => ({ error: { status: 0, message: `The request failed: ${error.message}` } }));
     }
     answers.forEach((answer, i) => { failed += Boolean(answer.error); fill(items[start + i], chunk[i], answer); });
+    start += chunk.length;
     summarise();
   }
   status.textContent = failed ? `${failed} of ${files.length} photos could not be labelled.` : "Done.";
@@ -170,7 +178,7 @@ $("local").addEventListener("change", async (event) => {
   }
 });
 
-apiFetch("v1/limits").then((r) => r.json()).then((given) => {
+apiFetch("v1/limits").then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`)))).then((given) => {
   limits = given;
   if (limits.local_only) { // a static copy of the page (`catdogcnn export-web`): no server to send photos to
     $("limits").textContent = "JPEG, PNG, WebP, AVIF, GIF; labelled in this browser, nothing uploaded; you can " +

@@ -116,7 +116,7 @@ function ruleScore(rule, outputs) {
     const mass = petMass(outputs[rule.output || "imagenet_probabilities"], rule.pet_indices);
     return { p: sigmoid(logit(1 - mass) - logit(1 - rule.min_pet_probability)), fires: mass < rule.min_pet_probability };
   }
-  const score = outputs[rule.output][0];
+  const score = outputs[rule.output || "neither_probability"][0];
   if (rule.kind === "learned") return { p: sigmoid(logit(score) - logit(rule.max)), fires: score > rule.max };
   const w = rule.weights;
   let evidence = logit(score) * w.learned + w.bias;
@@ -170,7 +170,8 @@ export async function loadLocalModel(fetcher) {
   const session = await ort.InferenceSession.create(new Uint8Array(graph), { executionProviders: ["wasm"] });
   const size = bundle.input.image_size;
   const rules = (bundle.neither && bundle.neither.rules) || [];
-  const names = [...new Set(["probabilities", ...rules.flatMap((r) => [r.output, r.imagenet_output]
+  const names = [...new Set(["probabilities", ...rules.flatMap((r) => [r.kind === "blank" ? null
+    : r.output || (r.kind === "learned" ? "neither_probability" : null), r.imagenet_output]
     .concat(r.kind === "imagenet" ? ["imagenet_probabilities"] : []))].filter(Boolean))];
 
   async function run(image) {
