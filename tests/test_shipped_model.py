@@ -88,14 +88,14 @@ def test_shipped_model_on_the_real_test_set(shipped, real_data):
 
 @pytest.mark.slow
 def test_shipped_from_scratch_model_on_the_real_test_set(real_data):
-    """models/resnet_small: no pretrained weights, trained in under 30 minutes on 2 cores, with a learned
-    "neither" whose cut turns away at most about 1% of pets."""
+    """models/resnet_small: no pretrained weights, trained in 21 minutes on 2 cores, with a calibrated learned
+    "neither"; docs/results.md's figures within two photos: 1861 of 2000 right, 3 answered neither."""
     clf = load_classifier(bundled_models_dir() / "resnet_small")
     assert clf.metadata["architecture"] == "resnet_small"
-    assert [rule["kind"] for rule in clf.neither_rules] == ["blank", "learned"]
+    assert [rule["kind"] for rule in clf.neither_rules] == ["blank", "calibrated"]
     result = evaluate(real_data, clf)
-    assert result["n"] == 2000 and result["accuracy"] >= 0.9, result
-    assert result["neither"]["pets_flagged"] <= 0.02, result["neither"]
+    assert result["n"] == 2000 and abs(round(result["accuracy"] * 2000) - 1861) <= 2, result
+    assert abs(round(result["neither"]["pets_flagged"] * 2000) - 3) <= 2, result["neither"]
 
 
 def test_shipped_bundles_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
