@@ -285,7 +285,8 @@ def process_photo(data: bytes, side: int, longer: bool) -> bytes:
     quality 90 with optimised tables and no metadata. Raises BadImageError for what cannot be decoded."""
     from PIL import Image, ImageOps
 
-    from catdogcnn.data import MAX_IMAGE_PIXELS, _to_rgb
+    from catdogcnn.data import MAX_IMAGE_PIXELS
+    from catdogcnn.pixels import to_rgb
 
     try:
         with Image.open(io.BytesIO(data)) as original:
@@ -293,7 +294,7 @@ def process_photo(data: bytes, side: int, longer: bool) -> bytes:
                 raise BadImageError("original", f"decompression bomb refused ({original.width}x{original.height})",
                                     "bomb")
             original.load()
-            img = _to_rgb(ImageOps.exif_transpose(original))
+            img = to_rgb(ImageOps.exif_transpose(original))
     except BadImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -313,24 +314,35 @@ def process_photo(data: bytes, side: int, longer: bool) -> bytes:
 
 
 class _RowFailed(Exception):
-    """One manifest row that could not be made; the message is its one-line reason, `unreachable` when the host
-    was."""
+    """One manifest row that could not be made; the message is its one-line reason."""
 
-    def __init__(self, reason: str, unreachable: bool = False):
-        super().__init__(reason)
-        self.unreachable = unreachable
+
+class _UnreachableStreak:
+    """Photos in a row that found the host unreachable, counted by the workers as they finish (not when the results
+    are read, which can lag far behind), so that the rest stop being tried as soon as the count is reached."""
+
+    def __init__(self) -> None:
+        self.count, self.lock, self.give_up = 0, threading.Lock(), threading.Event()
+
+    def record(self, unreachable: bool) -> None:
+        with self.lock:
+            self.count = self.count + 1 if unreachable else 0
+            if self.count >= MAX_UNREACHABLE_IN_A_ROW:
+                self.give_up.set()
 
 
 def _make_row(row: dict[str, str], folder: Path, scratch: Path, base: str, spec: Collection, attempts: int,
-              give_up: threading.Event) -> None:
-    if give_up.is_set():
+              streak: _UnreachableStreak) -> None:
+    if streak.give_up.is_set():
         raise _RowFailed(f"not tried: the last {MAX_UNREACHABLE_IN_A_ROW} photos found the host unreachable "
-                         f"({base})", unreachable=True)
+                         f"({base})")
     download_to = scratch / row["file"].replace("/", "__")
     try:
         fetch(source_url(base, row), download_to, attempts=attempts)
+        streak.record(False)
     except DownloadError as e:  # a `.part` stays behind in the scratch folder: a rerun resumes it
-        raise _RowFailed(str(e), unreachable=isinstance(e, UnreachableError)) from None
+        streak.record(isinstance(e, UnreachableError))
+        raise _RowFailed(str(e)) from None
     try:
         data = download_to.read_bytes()
     finally:
@@ -375,23 +387,19 @@ def download_collection(name: str, dest: Path, base_url: str | None = None, mani
     base = (base_url or collections_url()).rstrip("/")
     scratch = Path(dest) / ".downloads" / name  # outside the photo folder: readers of it never see a `.part`
     scratch.mkdir(parents=True, exist_ok=True)
-    give_up, unreachable_in_a_row = threading.Event(), 0
+    streak = _UnreachableStreak()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(_make_row, row, folder, scratch, base, spec, attempts, give_up): row["file"]
+        futures = {pool.submit(_make_row, row, folder, scratch, base, spec, attempts, streak): row["file"]
                    for row in todo}
         for done, future in enumerate(as_completed(futures), start=1):
-            file, unreachable = futures[future], False
+            file = futures[future]
             try:
                 future.result()
                 result.fetched.append(file)
             except _RowFailed as e:
                 result.failed.append((file, " ".join(str(e).split())))
-                unreachable = e.unreachable
             except OSError as e:  # the destination, not the source: a full disk, no permission
                 result.failed.append((file, f"cannot write ({e.strerror or e})"))
-            unreachable_in_a_row = unreachable_in_a_row + 1 if unreachable else 0
-            if unreachable_in_a_row >= MAX_UNREACHABLE_IN_A_ROW:
-                give_up.set()
             if progress:
                 progress(done, len(todo))
     result.fetched.sort()
