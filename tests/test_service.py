@@ -13,6 +13,7 @@ from conftest import jpeg_bytes as jpeg
 from conftest import read_http_response, start_server
 from fastapi.testclient import TestClient
 
+from catdogcnn import service
 from catdogcnn.serve import ServeConfig, create_app
 
 pytest.importorskip("prometheus_client", reason="/metrics needs the serve extra: pip install -e '.[serve]'")
@@ -106,6 +107,22 @@ def test_metrics_count_requests_by_status_latency_and_batch_sizes(tiny_bundle):
     assert metric(text, "catdogcnn_requests_total", route="/v1/predict", status="415") == 1
     assert metric(text, "catdogcnn_request_seconds_count", route="/v1/predict") == 4
     assert metric(text, "catdogcnn_batch_photos_count") == 3 and metric(text, "catdogcnn_batch_photos_sum") == 3
+
+
+def test_requests_refused_for_their_size_are_answered_after_a_pause_and_others_at_once(tiny_bundle):
+    config = ServeConfig(max_files=2)
+    with TestClient(create_app(tiny_bundle, config)) as client:
+        def timed(*photos: tuple) -> tuple[int, float]:
+            started = time.perf_counter()
+            status = client.post("/v1/predict", files=[("files", photo) for photo in photos]).status_code
+            return status, time.perf_counter() - started
+
+        timed(("a.jpg", jpeg(0), "image/jpeg"))  # the model warmed up
+        good = timed(("a.jpg", jpeg(1), "image/jpeg"))
+        bad = timed(("n.txt", b"not a photo", "text/plain"))
+        many = timed(*[(f"{i}.jpg", jpeg(i), "image/jpeg") for i in range(3)])
+    assert good[0] == 200 and bad[0] == 415 and many[0] == 413
+    assert many[1] >= service.REFUSAL_PAUSE_S > max(good[1], bad[1]), (good, bad, many)
 
 
 def upload_in_halves(url: str, photo: bytes) -> tuple[socket.socket, bytes]:

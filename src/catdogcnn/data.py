@@ -218,8 +218,7 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
                 if img.width * img.height > max_pixels:
                     raise BadImageError(name, f"too large: {img.width} x {img.height} pixels, more than the limit "
                                               f"of {max_pixels:,}", "bomb")
-                if size and img.format == "JPEG" and resample != "nearest":  # nearest sees every pixel, as Keras
-                    img.draft("RGB", (size, size))
+                reduce_jpeg(img, size, resample)
             img.load()
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img, keep_grey=bool(size))
@@ -248,16 +247,25 @@ def decode_image(source: ImageSource, size: int | None = None, resample: str = "
     return arr
 
 
-def header_pixels(data: bytes) -> int:
-    """Width x height as a photo's header declares them, read without decoding a pixel: what decoding it will
-    cost. 0 when Pillow finds no header it reads (decoding then says why)."""
+def reduce_jpeg(img: Image.Image, size: int | None, resample: str) -> None:
+    """Have a JPEG not yet loaded decode at the smallest scale that still covers `size` (Pillow's draft mode)."""
+    if size and img.format == "JPEG" and resample != "nearest":  # nearest sees every pixel, as Keras does
+        img.draft("RGB", (size, size))
+
+
+def header_pixels(data: bytes, size: int | None = None, resample: str = "bilinear") -> tuple[int, int]:
+    """(width x height as a photo's header declares them, the pixels decode_image will hold for it: fewer for a
+    JPEG decoded at reduced scale), read without decoding a pixel: what decoding it will cost. (0, 0) when Pillow
+    finds no header it reads (decoding then says why)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
-                return img.width * img.height
+                declared = img.width * img.height
+                reduce_jpeg(img, size, resample)
+                return declared, img.width * img.height
     except Exception:  # any failure to parse is reported by decode_image, with its reason
-        return 0
+        return 0, 0
 
 
 def _try_decode(path: Path, size: int, resample: str) -> np.ndarray | BadImageError:

@@ -8,12 +8,12 @@ requests are gathered into one model call (micro-batching: the first photo waits
 `batch_wait_ms` for others), so throughput grows with load instead of queueing. A client's file name is only
 echoed back, never used as a path.
 
-Work per request and per process is bounded, whatever a client sends: the body (chunked too) is counted against
-the request cap as it streams in, more than `max_files` parts are refused while parsing, a photo's pixels are
-checked from its header against `max_megapixels` before it is decoded, at most `threads` photos and
-`max_megapixels` pixels are decoded at once (a photo larger than the rest waits its turn), and at most
-`max_pending` photos are in the server (read, decoding or waiting for the model): past that a photo gets 503 with
-Retry-After. A photo's bytes are dropped once decoded.
+Work per request and per process is bounded, whatever a client sends: the body (chunked too) is counted as it
+streams in, against the request cap and each part against a photo's, more than `max_files` parts are refused while
+parsing, a photo's pixels are checked from its header against `max_megapixels` before it is decoded, at most
+`threads` photos are decoded at once and of them one large photo (over 4 MP decoded), so that ordinary photos pass
+beside it, and at most `max_pending` photos are in the server (read, decoding or waiting for the model): past that
+a photo gets 503 with Retry-After. A photo's bytes are dropped once decoded.
 
 The routes are module-level; what they share (the model, the batcher, the limits) is one `ServiceState` on
 `app.state.service`. Process running (workers, signals) lives in runner.py; metrics, the API key, the upload
@@ -26,11 +26,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 
@@ -56,7 +60,10 @@ log = logging.getLogger("catdogcnn")
 STATIC = Path(__file__).parent / "static"
 # BadImageError.kind -> HTTP status: 415 not an image at all, 413 too many pixels, 422 an image that cannot be decoded.
 STATUS_FOR_KIND = {"not_image": 415, "bomb": 413}
+T = TypeVar("T")
 RETRY_AFTER_S = 1  # what a photo turned away because the server is full is told to wait
+LARGE_PHOTO_PIXELS = 4_000_000  # decoded (a phone's 12 MP JPEG decodes at 1/8 scale): over this, one at a time
+LARGE_PHOTO_NICENESS = 10  # a busy thread at nice +10 gets about a tenth of the time of one at +0
 
 
 @dataclass
@@ -77,6 +84,10 @@ class ServeConfig:
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_upload_mb * 1e6 * self.max_files + 1e6)  # the photos, and room for the multipart
+
+    @property
+    def max_part_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6 + 64_000)  # a photo, and room for its part's headers
 
 
 class ApiError(Exception):
@@ -226,25 +237,32 @@ class MicroBatcher:
                 future.set_result(result)
 
 
-class PixelBudget:
-    """At most `budget` pixels being decoded at once, or one photo when it alone is larger: memory for decoding
-    is bounded by the budget, whatever the number of requests (a photo at a 40 MP cap takes ~300 MB to decode)."""
+def lower_priority(by: int = LARGE_PHOTO_NICENESS) -> None:
+    """Lower the CPU priority of the calling thread alone (Linux, where a thread has a nice value of its own)."""
+    if sys.platform.startswith("linux"):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
 
-    def __init__(self, budget: int):
-        self.budget, self.in_use = budget, 0
-        self.changed = asyncio.Condition()
 
-    @asynccontextmanager
-    async def hold(self, pixels: int):
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.budget)
-            self.in_use += pixels
-        try:
-            yield
-        finally:
-            async with self.changed:
-                self.in_use -= pixels
-                self.changed.notify_all()
+class DecodeLanes:
+    """Ordinary photos are decoded `slots` at a time; those over `large` decoded pixels one at a time, in a thread of
+    lower CPU priority: a photo at a 40 MP cap takes ~300 MB and most of a second of a core to decode, so under load
+    it gets the time ordinary photos leave, and memory for decoding stays under one photo at the cap plus `slots`
+    ordinary ones, however many requests come."""
+
+    def __init__(self, slots: int, large: int = LARGE_PHOTO_PIXELS):
+        self.large = large
+        self._slots = asyncio.Semaphore(slots)
+        self._large_thread = ThreadPoolExecutor(1, "catdogcnn-large-photos", initializer=lower_priority)
+
+    async def decode(self, pixels: int, decode: Callable[..., T], *args: Any) -> T:
+        if pixels > self.large:
+            return await asyncio.get_running_loop().run_in_executor(self._large_thread, decode, *args)
+        async with self._slots:
+            return await run_in_threadpool(decode, *args)
+
+    def close(self) -> None:
+        self._large_thread.shutdown(wait=False, cancel_futures=True)
 
 
 class ServiceState:
@@ -256,8 +274,7 @@ class ServiceState:
         self.batcher: MicroBatcher | None = None
         self.pending = 0  # photos admitted and not yet answered
         self.threads = config.threads or os.cpu_count() or 1
-        self._decode_slots: asyncio.Semaphore | None = None  # made in the running loop, at the first photo
-        self._decode_pixels: PixelBudget | None = None
+        self._decode_lanes: DecodeLanes | None = None  # made in the running loop, at the first photo
         self._loading = asyncio.Lock()
 
     async def ready(self) -> Classifier:
@@ -276,6 +293,12 @@ class ServiceState:
             self.batcher = MicroBatcher(classifier, self.config, self.metrics)
             self.batcher.start()
         return self.batcher
+
+    async def stop(self) -> None:
+        if self.batcher:
+            await self.batcher.stop()
+        if self._decode_lanes:
+            self._decode_lanes.close()
 
     @property
     def serving(self) -> bool:
@@ -308,16 +331,15 @@ class ServiceState:
         await upload.close()
         if len(data) > limit:
             raise ApiError(413, f"{name}: larger than the {self.config.max_upload_mb:g} MB upload limit")
-        if self._decode_slots is None:
-            self._decode_slots = asyncio.Semaphore(self.threads)
-            self._decode_pixels = PixelBudget(int(self.config.max_megapixels * 1e6))
+        if self._decode_lanes is None:
+            self._decode_lanes = DecodeLanes(self.threads)
         cap = int(self.config.max_megapixels * 1e6)
-        pixels = header_pixels(data)
+        declared, decoded = header_pixels(data, classifier.image_size, classifier.resize)
         try:
-            if pixels > cap:  # refused from its header at once (decode_image says why), never queued for the budget
+            if declared > cap:  # refused from its header at once (decode_image says why), never queued for a slot
                 decode_image(data, classifier.image_size, classifier.resize, cap)
-            async with self._decode_pixels.hold(pixels), self._decode_slots:
-                image = await run_in_threadpool(decode_image, data, classifier.image_size, classifier.resize, cap)
+            image = await self._decode_lanes.decode(decoded, decode_image, data, classifier.image_size,
+                                                    classifier.resize, cap)
         except BadImageError as e:
             raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), f"{name}: {e.reason}") from None
         del data  # the decoded photo is all that is kept while it waits for the model
@@ -419,9 +441,15 @@ async def api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if exc.status_code == 400 and str(exc.detail).startswith("Too many files"):  # Starlette's part limit
-        limit = service(request).config.max_files
-        return error_response(413, f"more than {limit} photos in one request; the limit is {limit}")
+    if exc.status_code == 400:  # Starlette's multipart parser: a limit passed (413), or a body it cannot read
+        detail, limit = str(exc.detail), service(request).config.max_files
+        if detail.startswith("Too many files"):
+            return error_response(413, f"more than {limit} photos in one request; the limit is {limit}")
+        if detail.startswith("Too many fields"):
+            return error_response(413, f"more than {limit} fields besides the photos; the limit is {limit}")
+        if detail.startswith("Part exceeded"):
+            return error_response(413, f"a form field over the size limit ({detail.rstrip('.')})")
+        return error_response(422, f"the request's form cannot be read ({detail.rstrip('.')})")
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
@@ -446,7 +474,7 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
     async def lifespan(app: FastAPI):
         await state.started_batcher()  # load the model before the first request
         yield
-        await state.batcher.stop()
+        await state.stop()
 
     app = FastAPI(title="catdogcnn", version="1", lifespan=lifespan,
                   description="Cats-vs-dogs photo classifier. Every error is JSON: "
@@ -459,7 +487,8 @@ def create_app(bundle: str | Path | None = None, config: ServeConfig | None = No
     app.add_exception_handler(Exception, internal_error)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(ServiceMiddleware, metrics=state.metrics, api_key=config.api_key,
-                       request_timeout_s=config.request_timeout_s, max_body_bytes=config.max_request_bytes)
+                       request_timeout_s=config.request_timeout_s, max_body_bytes=config.max_request_bytes,
+                       max_part_bytes=config.max_part_bytes)
     if config.cors_origins:  # outermost: a browser's preflight is answered without the API key
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key"])

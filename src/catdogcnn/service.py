@@ -11,11 +11,14 @@ key, a deadline for uploads and the one JSON error envelope. A leaf: it imports 
   `X-API-Key: KEY`, compared in constant time.
 - Uploads must arrive within `request_timeout_s`, or the request gets 408 and its connection is closed: a
   stalled or very slow client cannot hold a request open. Idle keep-alive connections close after 5 s.
+- A request refused for its size (413) or slowness (408) is answered after a pause of `REFUSAL_PAUSE_S`, which
+  costs the server nothing: a client sending such requests in a loop cannot claim the time of those that are not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.message
 import hmac
 import os
 import time
@@ -36,6 +39,9 @@ OPEN_PREFIXES = ("/static/",)
 # (SharedArrayBuffer needs it); the page loads nothing from other origins.
 ISOLATION_HEADERS = [(b"cross-origin-opener-policy", b"same-origin"),
                      (b"cross-origin-embedder-policy", b"require-corp")]
+# A client sending requests it knows are refused, in a loop, gets a few answers a second, not the server's time.
+REFUSAL_PAUSE_S = 0.25
+LINGER_S, LINGER_BYTES = 2.0, 8_000_000  # how long, and how much, a request cut short is read on after its answer
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -64,18 +70,62 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
     return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
 
 
+def multipart_boundary(scope: Scope) -> bytes | None:
+    """The boundary of a multipart/form-data request, from its Content-Type (quoted or not); None otherwise."""
+    message = email.message.Message()
+    message["content-type"] = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+    boundary = message.get_param("boundary") if message.get_content_type() == "multipart/form-data" else None
+    return boundary.encode("latin-1") if isinstance(boundary, str) and boundary else None
+
+
+class PartSizes:
+    """The size of the multipart part now streaming in, found by looking for the boundary in each piece of the
+    body (bytes.find: C speed, whatever the parser behind does), so that a part over `limit` is refused at its own
+    limit, not at the request's (32 photos' worth): a flood in one part costs a photo's bytes, not 320 MB."""
+
+    def __init__(self, boundary: bytes, limit: int):
+        self.delimiter, self.limit = b"\r\n--" + boundary, limit
+        self.current, self.tail = 0, b""  # bytes since the last delimiter; the end of the last piece
+
+    def over_limit(self, piece: bytes) -> bool:
+        data = self.tail + piece  # a delimiter may straddle two pieces
+        found = data.rfind(self.delimiter)
+        self.current = len(data) - found - len(self.delimiter) if found >= 0 else self.current + len(piece)
+        self.tail = data[-(len(self.delimiter) - 1):]
+        return self.current > self.limit
+
+
+async def answer_then_linger(response: Response, receive: Receive, send: Send) -> None:
+    """Send `response` whole, but end it (and so close the connection) only once the rest of the request body has
+    been read and dropped, for at most LINGER_S or LINGER_BYTES: closing a socket with unread data resets the
+    connection, and a client still sending would lose the answer (uvicorn has no lingering close of its own)."""
+    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    deadline, dropped = time.perf_counter() + LINGER_S, 0
+    while dropped < LINGER_BYTES and (left := deadline - time.perf_counter()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except TimeoutError:
+            break
+        dropped += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            break
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 class ServiceMiddleware:
     """Pure ASGI middleware (an upload's deadline wraps `receive`, which Starlette's BaseHTTPMiddleware hides):
     the API key, the request's size and deadline, and the request metrics.
 
     The body is counted as it streams in, chunked or not: past `max_body_bytes` (or declared past it in
-    Content-Length) the request gets 413 and its connection is closed, as a request still arriving after
-    `request_timeout_s` gets 408. Either way the app reads no further: it is told the client has gone."""
+    Content-Length), or with one multipart part past `max_part_bytes`, the request gets 413 and its connection is
+    closed, as a request still arriving after `request_timeout_s` gets 408. Either way the app reads no further:
+    it is told the client has gone."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None, request_timeout_s: float,
-                 max_body_bytes: int):
+                 max_body_bytes: int, max_part_bytes: int):
         self.app, self.metrics, self.request_timeout_s = app, metrics, request_timeout_s
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.max_part_bytes = max_body_bytes, max_part_bytes
         self.api_key = api_key.encode() if api_key else None
 
     def key_accepted(self, scope: Scope) -> bool:
@@ -105,6 +155,8 @@ class ServiceMiddleware:
         status = 500  # unless a response starts
         deadline, body_done, body_bytes = started + self.request_timeout_s, False, 0
         cut_short: tuple[int, str] | None = None  # the answer that replaces the app's when the body is cut short
+        boundary = multipart_boundary(scope)
+        part_sizes = PartSizes(boundary, self.max_part_bytes) if boundary else None
 
         async def send_recorded(message: Message) -> None:
             nonlocal status
@@ -112,6 +164,8 @@ class ServiceMiddleware:
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if status in (408, 413):  # refused for its size or slowness: answered after a pause (no work)
+                    await asyncio.sleep(REFUSAL_PAUSE_S)
                 message = {**message, "headers": [*message.get("headers", []), *ISOLATION_HEADERS]}
             await send(message)
 
@@ -124,9 +178,14 @@ class ServiceMiddleware:
             except TimeoutError:
                 cut_short = (408, f"the request did not arrive within {self.request_timeout_s:g} s")
                 return {"type": "http.disconnect"}  # the app stops reading, as if the client had gone
-            body_bytes += len(message.get("body", b""))
+            piece = message.get("body", b"")
+            body_bytes += len(piece)
             if body_bytes > self.max_body_bytes:
                 cut_short = (413, f"request over the limit of {self.max_body_bytes} bytes")
+            elif part_sizes and part_sizes.over_limit(piece):
+                cut_short = (413, f"a part of the request over the limit of {self.max_part_bytes} bytes "
+                                  "(a photo's size limit, and room for its part's headers)")
+            if cut_short:
                 return {"type": "http.disconnect"}
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
@@ -147,7 +206,7 @@ class ServiceMiddleware:
                         raise
             if cut_short:
                 answer, cut_short = cut_short, None
-                await error_response(*answer, {"Connection": "close"})(scope, receive, send_recorded)
+                await answer_then_linger(error_response(*answer, {"Connection": "close"}), receive, send_recorded)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")  # the route's pattern: few label values
             self.metrics.requests.labels(route, str(status)).inc()
