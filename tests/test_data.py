@@ -277,3 +277,16 @@ def test_a_damaged_heic_is_corrupt_not_unknown():
     with pytest.raises(D.BadImageError, match="corrupt image \\(starts like HEIC") as info:
         D.decode_image(heic_photo()[:200])
     assert info.value.kind != "not_image"
+
+
+def test_header_pixels_give_the_declared_size_and_what_decoding_will_hold():
+    def encoded(fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (4000, 3000), (9, 9, 9)).save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    assert D.header_pixels(encoded("JPEG"), 280) == (12_000_000, 500 * 375)  # decoded at 1/8 scale
+    assert D.header_pixels(encoded("JPEG"), None) == (12_000_000, 12_000_000)
+    assert D.header_pixels(encoded("JPEG", progressive=True), 280) == (12_000_000, 12_000_000)  # held at full size
+    assert D.header_pixels(encoded("PNG"), 280) == (12_000_000, 12_000_000)
+    assert D.header_pixels(b"not a photo", 280) == (0, 0)

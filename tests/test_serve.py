@@ -152,13 +152,16 @@ def test_the_form_parsers_refusals_are_413_or_422_never_an_undocumented_400(clie
     fields = {f"note{i}": "x" for i in range(5)}
     many = client.post("/v1/predict", data=fields, files=[("files", ("a.jpg", jpeg(1), "image/jpeg"))])
     broken = client.post("/v1/predict", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"})
+    large = client.post("/v1/predict", data={"note": "x" * 1_050_000},
+                        files=[("files", ("a.jpg", jpeg(1), "image/jpeg"))])
     assert many.status_code == 413 and "fields besides the photos; the limit is 4" in many.json()["error"]["message"]
+    assert large.status_code == 413 and "form field over the size limit" in large.json()["error"]["message"]
     assert broken.status_code == 422 and "form cannot be read" in broken.json()["error"]["message"], broken.text
 
 
 @pytest.mark.parametrize("boundary", ["b0undary", '"a quoted:boundary"'])
 def test_a_part_is_refused_at_a_photos_limit_not_the_requests(tiny_bundle, boundary):
-    """A chunked flood in one part is cut once the part passes a photo's limit (0.5 MB here), long before the
+    """A chunked flood in one part is cut once the part passes twice a photo's limit (0.5 MB here), long before the
     request's (17 MB), though a delimiter-like run of bytes straddles the pieces; a request of parts each under the
     limit passes. (What was sent counts what waits in the sockets' buffers too: a few MB.)"""
     config = ServeConfig(max_upload_mb=0.5, max_files=32)  # a request cap of 17 MB
@@ -169,10 +172,13 @@ def test_a_part_is_refused_at_a_photos_limit_not_the_requests(tiny_bundle, bound
     with live_app(create_app(tiny_bundle, config)) as url:
         status, body, sent = answer_while_sending(url, chunked_request("/v1/predict", boundary), flood)
         photos = [("files", (f"{i}.jpg", jpeg(i) + bytes(400_000), "image/jpeg")) for i in range(4)]
+        photos.append(("files", ("big.jpg", jpeg(5) + bytes(700_000), "image/jpeg")))
         ok = httpx.post(f"{url}/v1/predict", files=photos, timeout=30)
-    assert status == 413 and b"a part of the request over the limit of 564000 bytes" in body, body
+    assert status == 413 and b"a part of the request over the limit of 1064000 bytes" in body, body
     assert sent < 6_000_000 < config.max_request_bytes, f"{sent:,} bytes sent before the answer"
     assert ok.status_code == 200, ok.text
+    # a photo over a photo's limit but under the part's gets its own 413; the others are labelled
+    assert [r["error"]["status"] if r["error"] else 200 for r in ok.json()["results"]] == [200, 200, 200, 200, 413]
 
 
 def test_too_many_parts_are_refused_while_parsing(tiny_bundle):
@@ -184,6 +190,25 @@ def test_too_many_parts_are_refused_while_parsing(tiny_bundle):
         status, body, sent = answer_while_sending(url, chunked_request("/v1/predict"), endless)
     assert status == 413 and b"the limit is 4" in body, body
     assert sent < 20 * len(part)
+
+
+def test_large_photos_past_those_in_hand_are_turned_away_not_queued():
+    gate = threading.Event()
+
+    async def main() -> list:
+        lanes = serve.DecodeLanes(slots=2, large=100, large_in_hand=2)
+        held = [asyncio.ensure_future(lanes.decode(1000, gate.wait, 5)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        answers = await asyncio.gather(lanes.decode(1000, gate.wait, 5), lanes.decode(10, time.sleep, 0),
+                                       return_exceptions=True)
+        gate.set()
+        await asyncio.gather(*held)
+        again = await lanes.decode(1000, gate.wait, 5)  # room again once they are done
+        lanes.close()
+        return [*answers, again]
+
+    turned_away, ordinary, again = asyncio.run(main())
+    assert isinstance(turned_away, serve.LaneFullError) and ordinary is None and again is True
 
 
 def test_a_full_server_answers_503_with_retry_after(tiny_bundle):
@@ -436,19 +461,22 @@ def test_explain_returns_a_heat_map(real_data):
 
 def test_large_photos_are_decoded_one_at_a_time_at_low_priority_and_ordinary_ones_pass_beside_them():
     started, niceness, peak = [], {}, {"large": 0, "all": 0}
-    held = dict(peak)
+    held, counting = dict(peak), threading.Lock()
     gate = threading.Event()  # holds the first large photo in its decoding
 
     def decode(name: str, large: bool) -> str:
-        started.append(name)
-        niceness[name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         kinds = ("all", "large") if large else ("all",)
-        for kind in kinds:
-            held[kind] += 1
-            peak[kind] = max(peak[kind], held[kind])
+        with counting:
+            started.append(name)
+            if hasattr(os, "getpriority"):
+                niceness[name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            for kind in kinds:
+                held[kind] += 1
+                peak[kind] = max(peak[kind], held[kind])
         gate.wait(5) if name == "large" else time.sleep(0.01)
-        for kind in kinds:
-            held[kind] -= 1
+        with counting:
+            for kind in kinds:
+                held[kind] -= 1
         return name
 
     async def main() -> list[str]:

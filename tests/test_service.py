@@ -109,20 +109,47 @@ def test_metrics_count_requests_by_status_latency_and_batch_sizes(tiny_bundle):
     assert metric(text, "catdogcnn_batch_photos_count") == 3 and metric(text, "catdogcnn_batch_photos_sum") == 3
 
 
-def test_requests_refused_for_their_size_are_answered_after_a_pause_and_others_at_once(tiny_bundle):
-    config = ServeConfig(max_files=2)
-    with TestClient(create_app(tiny_bundle, config)) as client:
-        def timed(*photos: tuple) -> tuple[int, float]:
-            started = time.perf_counter()
-            status = client.post("/v1/predict", files=[("files", photo) for photo in photos]).status_code
-            return status, time.perf_counter() - started
+def test_requests_refused_for_their_size_are_answered_after_a_pause_and_others_at_once(tiny_bundle, monkeypatch):
+    pauses = []
+    real_sleep = service.asyncio.sleep
 
-        timed(("a.jpg", jpeg(0), "image/jpeg"))  # the model warmed up
+    async def sleep(seconds: float, *args) -> None:
+        if seconds == service.REFUSAL_PAUSE_S:
+            pauses.append(seconds)
+        await real_sleep(seconds, *args)
+
+    monkeypatch.setattr(service.asyncio, "sleep", sleep)
+    with TestClient(create_app(tiny_bundle, ServeConfig(max_files=2))) as client:
+        def timed(*photos: tuple) -> tuple[int, float, int]:
+            started, before = time.perf_counter(), len(pauses)
+            status = client.post("/v1/predict", files=[("files", photo) for photo in photos]).status_code
+            return status, time.perf_counter() - started, len(pauses) - before
+
         good = timed(("a.jpg", jpeg(1), "image/jpeg"))
         bad = timed(("n.txt", b"not a photo", "text/plain"))
         many = timed(*[(f"{i}.jpg", jpeg(i), "image/jpeg") for i in range(3)])
-    assert good[0] == 200 and bad[0] == 415 and many[0] == 413
-    assert many[1] >= service.REFUSAL_PAUSE_S > max(good[1], bad[1]), (good, bad, many)
+    assert (good[0], bad[0], many[0]) == (200, 415, 413)
+    assert (good[2], bad[2], many[2]) == (0, 0, 1) and many[1] >= service.REFUSAL_PAUSE_S, (good, bad, many)
+
+
+def body_pieces(body: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0, *cuts, len(body)]
+    return [body[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+
+
+@pytest.mark.parametrize(("sizes", "over"), [([100, 120, 5], False), ([100, 300, 5], True), ([300], True),
+                                             ([5, 5, 250], True)])
+def test_part_sizes_find_every_part_wherever_the_body_is_cut(sizes, over):
+    """Parts of `sizes` bytes of data (limit 200, each with ~60 bytes of headers), with runs that look like the
+    delimiter but are not one inside them; the body cut into two pieces at every offset, and one byte at a time."""
+    boundary = b"xyz123"
+    lookalike = b"\r\n--" + boundary + b"x"  # python-multipart takes it as data
+    parts = [b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="a"\r\n\r\n'
+             + (lookalike + b"d" * size)[:size] for size in sizes]
+    body = b"\r\n".join(parts) + b"\r\n--" + boundary + b"--\r\n"
+    for cuts in [[k] for k in range(1, len(body))] + [list(range(1, len(body)))]:
+        counter = service.PartSizes(boundary, 200)
+        assert any([counter.over_limit(piece) for piece in body_pieces(body, cuts)]) is over, cuts
 
 
 def upload_in_halves(url: str, photo: bytes) -> tuple[socket.socket, bytes]:

@@ -23,8 +23,8 @@ def serve(
                                                   "default 8).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model, sharing the "
                                          "port.")] = 1,
-    threads: Annotated[int | None, typer.Option(min=1, help="Model threads per worker, and photos decoded at once "
-                                                "(default: the cores divided among the workers).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Model threads per worker, and ordinary photos decoded "
+                                                "at once (default: the cores divided among the workers).")] = None,
     max_megapixels: Annotated[float, typer.Option(min=0.001, help="Largest photo accepted, in megapixels (read "
                                                   "from its header before decoding).")] = 40.0,
     api_key_file: Annotated[Path | None, typer.Option(help="Require the key in this file for everything but the "

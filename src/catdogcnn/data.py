@@ -255,13 +255,15 @@ def reduce_jpeg(img: Image.Image, size: int | None, resample: str) -> None:
 
 def header_pixels(data: bytes, size: int | None = None, resample: str = "bilinear") -> tuple[int, int]:
     """(width x height as a photo's header declares them, the pixels decode_image will hold for it: fewer for a
-    JPEG decoded at reduced scale), read without decoding a pixel: what decoding it will cost. (0, 0) when Pillow
-    finds no header it reads (decoding then says why)."""
+    baseline JPEG decoded at reduced scale), read without decoding a pixel: what decoding it will cost. (0, 0) when
+    Pillow finds no header it reads (decoding then says why)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:
                 declared = img.width * img.height
+                if img.info.get("progressive") or img.info.get("progression"):
+                    return declared, declared  # libjpeg holds a progressive JPEG's coefficients at full size
                 reduce_jpeg(img, size, resample)
                 return declared, img.width * img.height
     except Exception:  # any failure to parse is reported by decode_image, with its reason

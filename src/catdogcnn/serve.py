@@ -9,11 +9,11 @@ requests are gathered into one model call (micro-batching: the first photo waits
 echoed back, never used as a path.
 
 Work per request and per process is bounded, whatever a client sends: the body (chunked too) is counted as it
-streams in, against the request cap and each part against a photo's, more than `max_files` parts are refused while
+streams in, against the request cap and each part against twice a photo's, more than `max_files` parts are refused while
 parsing, a photo's pixels are checked from its header against `max_megapixels` before it is decoded, at most
-`threads` photos are decoded at once and of them one large photo (over 4 MP decoded), so that ordinary photos pass
-beside it, and at most `max_pending` photos are in the server (read, decoding or waiting for the model): past that
-a photo gets 503 with Retry-After. A photo's bytes are dropped once decoded.
+`threads` ordinary photos are decoded at once and beside them one large photo (over 4 MP decoded) at a lower CPU
+priority, four in hand at most, and at most `max_pending` photos are in the server (read, decoding or waiting for
+the model): past that a photo gets 503 with Retry-After. A photo's bytes are dropped once decoded.
 
 The routes are module-level; what they share (the model, the batcher, the limits) is one `ServiceState` on
 `app.state.service`. Process running (workers, signals) lives in runner.py; metrics, the API key, the upload
@@ -87,7 +87,8 @@ class ServeConfig:
 
     @property
     def max_part_bytes(self) -> int:
-        return int(self.max_upload_mb * 1e6 + 64_000)  # a photo, and room for its part's headers
+        """Past this a part ends its request (413); a photo over the limit but under twice it gets its own 413."""
+        return int(2 * self.max_upload_mb * 1e6 + 64_000)
 
 
 class ApiError(Exception):
@@ -241,23 +242,36 @@ def lower_priority(by: int = LARGE_PHOTO_NICENESS) -> None:
     """Lower the CPU priority of the calling thread alone (Linux, where a thread has a nice value of its own)."""
     if sys.platform.startswith("linux"):
         thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
+        except OSError as e:  # large photos are then decoded at the priority of the rest, never refused for it
+            log.warning("large photos decoded at normal priority: %s", e)
+
+
+class LaneFullError(Exception):
+    """As many large photos are in hand as the server takes: this one is turned away (503), not queued."""
 
 
 class DecodeLanes:
     """Ordinary photos are decoded `slots` at a time; those over `large` decoded pixels one at a time, in a thread of
-    lower CPU priority: a photo at a 40 MP cap takes ~300 MB and most of a second of a core to decode, so under load
-    it gets the time ordinary photos leave, and memory for decoding stays under one photo at the cap plus `slots`
-    ordinary ones, however many requests come."""
+    lower CPU priority, with at most `large_in_hand` of them decoding or waiting (more are turned away): a photo at
+    a 40 MP cap takes ~300 MB and most of a second of a core to decode, so under load it gets the time ordinary
+    photos leave, and memory for decoding stays under one photo at the cap plus `slots` ordinary ones."""
 
-    def __init__(self, slots: int, large: int = LARGE_PHOTO_PIXELS):
-        self.large = large
+    def __init__(self, slots: int, large: int = LARGE_PHOTO_PIXELS, large_in_hand: int = 4):
+        self.large, self.large_in_hand, self.large_now = large, large_in_hand, 0
         self._slots = asyncio.Semaphore(slots)
         self._large_thread = ThreadPoolExecutor(1, "catdogcnn-large-photos", initializer=lower_priority)
 
     async def decode(self, pixels: int, decode: Callable[..., T], *args: Any) -> T:
         if pixels > self.large:
-            return await asyncio.get_running_loop().run_in_executor(self._large_thread, decode, *args)
+            if self.large_now >= self.large_in_hand:
+                raise LaneFullError(f"{self.large_now} large photos in hand")
+            self.large_now += 1
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._large_thread, decode, *args)
+            finally:
+                self.large_now -= 1
         async with self._slots:
             return await run_in_threadpool(decode, *args)
 
@@ -299,6 +313,7 @@ class ServiceState:
             await self.batcher.stop()
         if self._decode_lanes:
             self._decode_lanes.close()
+        self.batcher = self._decode_lanes = None  # a later start makes them again
 
     @property
     def serving(self) -> bool:
@@ -342,6 +357,8 @@ class ServiceState:
                                                     classifier.resize, cap)
         except BadImageError as e:
             raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), f"{name}: {e.reason}") from None
+        except LaneFullError as e:
+            raise ApiError(503, f"{name}: the server is busy ({e}); try again in {RETRY_AFTER_S} s") from None
         del data  # the decoded photo is all that is kept while it waits for the model
         try:
             p = await (await self.started_batcher()).predict(image, name, explain)
@@ -447,7 +464,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
             return error_response(413, f"more than {limit} photos in one request; the limit is {limit}")
         if detail.startswith("Too many fields"):
             return error_response(413, f"more than {limit} fields besides the photos; the limit is {limit}")
-        if detail.startswith("Part exceeded"):
+        if detail.startswith(("Part exceeded", "Field exceeded")):
             return error_response(413, f"a form field over the size limit ({detail.rstrip('.')})")
         return error_response(422, f"the request's form cannot be read ({detail.rstrip('.')})")
     return error_response(exc.status_code, str(exc.detail), exc.headers)

@@ -12,13 +12,13 @@ key, a deadline for uploads and the one JSON error envelope. A leaf: it imports 
 - Uploads must arrive within `request_timeout_s`, or the request gets 408 and its connection is closed: a
   stalled or very slow client cannot hold a request open. Idle keep-alive connections close after 5 s.
 - A request refused for its size (413) or slowness (408) is answered after a pause of `REFUSAL_PAUSE_S`, which
-  costs the server nothing: a client sending such requests in a loop cannot claim the time of those that are not.
+  costs the server no work (the connection waits): a client sending such requests in a loop cannot claim the time
+  of those that are not.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.message
 import hmac
 import os
 import time
@@ -28,6 +28,8 @@ from catdogcnn.extras import needs_extra
 with needs_extra("serve"):
     from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+    from python_multipart.multipart import parse_options_header
+    from starlette.datastructures import Headers
     from starlette.responses import JSONResponse, Response
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -71,27 +73,39 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 
 def multipart_boundary(scope: Scope) -> bytes | None:
-    """The boundary of a multipart/form-data request, from its Content-Type (quoted or not); None otherwise."""
-    message = email.message.Message()
-    message["content-type"] = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
-    boundary = message.get_param("boundary") if message.get_content_type() == "multipart/form-data" else None
-    return boundary.encode("latin-1") if isinstance(boundary, str) and boundary else None
+    """The boundary of a multipart/form-data request, read from its (first) Content-Type as Starlette's form parser
+    reads it; None for any other request."""
+    kind, params = parse_options_header(Headers(scope=scope).get("content-type", ""))
+    return (params.get(b"boundary") or None) if kind == b"multipart/form-data" else None
 
 
 class PartSizes:
-    """The size of the multipart part now streaming in, found by looking for the boundary in each piece of the
-    body (bytes.find: C speed, whatever the parser behind does), so that a part over `limit` is refused at its own
-    limit, not at the request's (32 photos' worth): a flood in one part costs a photo's bytes, not 320 MB."""
+    """The size of each multipart part as the body streams in, found by looking for the boundary in each piece
+    (bytes.find: C speed, whatever the parser behind does), so that a part over `limit` is refused at that size,
+    not at the request's (32 photos' worth): a flood in one part costs a photo's bytes, not 320 MB.
+
+    A delimiter is CRLF, "--", the boundary and then what python-multipart takes to end one: CRLF, "--" (the last)
+    or padding; anything else is data. The preamble counts with the first part. The last few bytes of a piece,
+    which may start a delimiter, are kept and counted with the next."""
 
     def __init__(self, boundary: bytes, limit: int):
         self.delimiter, self.limit = b"\r\n--" + boundary, limit
-        self.current, self.tail = 0, b""  # bytes since the last delimiter; the end of the last piece
+        self.current, self.tail = 0, b""  # bytes of the part so far; the end of the last piece, not yet counted
 
     def over_limit(self, piece: bytes) -> bool:
-        data = self.tail + piece  # a delimiter may straddle two pieces
-        found = data.rfind(self.delimiter)
-        self.current = len(data) - found - len(self.delimiter) if found >= 0 else self.current + len(piece)
-        self.tail = data[-(len(self.delimiter) - 1):]
+        data, counted, search = self.tail + piece, 0, 0
+        while (found := data.find(self.delimiter, search)) >= 0:
+            end = found + len(self.delimiter)
+            if len(data) - end < 2:  # too near the end to tell: kept for the next piece
+                break
+            search = found + 1
+            if data[end:end + 2] in (b"\r\n", b"--") or data[end:end + 1] in (b" ", b"\t"):
+                if self.current + found - counted > self.limit:
+                    return True
+                self.current, counted, search = 0, end, end
+        keep = max(counted, len(data) - len(self.delimiter) - 1)
+        self.current += keep - counted
+        self.tail = data[keep:]
         return self.current > self.limit
 
 
@@ -184,7 +198,7 @@ class ServiceMiddleware:
                 cut_short = (413, f"request over the limit of {self.max_body_bytes} bytes")
             elif part_sizes and part_sizes.over_limit(piece):
                 cut_short = (413, f"a part of the request over the limit of {self.max_part_bytes} bytes "
-                                  "(a photo's size limit, and room for its part's headers)")
+                                  "(twice a photo's size limit)")
             if cut_short:
                 return {"type": "http.disconnect"}
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
