@@ -26,15 +26,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
@@ -54,16 +50,14 @@ with needs_extra("serve"):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from catdogcnn.serve_lanes import DecodeLanes, LaneFullError
     from catdogcnn.service import Metrics, ServiceMiddleware, error_response
 
 log = logging.getLogger("catdogcnn")
 STATIC = Path(__file__).parent / "static"
 # BadImageError.kind -> HTTP status: 415 not an image at all, 413 too many pixels, 422 an image that cannot be decoded.
 STATUS_FOR_KIND = {"not_image": 415, "bomb": 413}
-T = TypeVar("T")
 RETRY_AFTER_S = 1  # what a photo turned away because the server is full is told to wait
-LARGE_PHOTO_PIXELS = 4_000_000  # decoded (a phone's 12 MP JPEG decodes at 1/8 scale): over this, one at a time
-LARGE_PHOTO_NICENESS = 10  # a busy thread at nice +10 gets about a tenth of the time of one at +0
 
 
 @dataclass
@@ -236,47 +230,6 @@ class MicroBatcher:
         for (*_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-
-
-def lower_priority(by: int = LARGE_PHOTO_NICENESS) -> None:
-    """Lower the CPU priority of the calling thread alone (Linux, where a thread has a nice value of its own)."""
-    if sys.platform.startswith("linux"):
-        thread = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by))
-        except OSError as e:  # large photos are then decoded at the priority of the rest, never refused for it
-            log.warning("large photos decoded at normal priority: %s", e)
-
-
-class LaneFullError(Exception):
-    """As many large photos are in hand as the server takes: this one is turned away (503), not queued."""
-
-
-class DecodeLanes:
-    """Ordinary photos are decoded `slots` at a time; those over `large` decoded pixels one at a time, in a thread of
-    lower CPU priority, with at most `large_in_hand` of them decoding or waiting (more are turned away): a photo at
-    a 40 MP cap takes ~300 MB and most of a second of a core to decode, so under load it gets the time ordinary
-    photos leave, and memory for decoding stays under one photo at the cap plus `slots` ordinary ones."""
-
-    def __init__(self, slots: int, large: int = LARGE_PHOTO_PIXELS, large_in_hand: int = 4):
-        self.large, self.large_in_hand, self.large_now = large, large_in_hand, 0
-        self._slots = asyncio.Semaphore(slots)
-        self._large_thread = ThreadPoolExecutor(1, "catdogcnn-large-photos", initializer=lower_priority)
-
-    async def decode(self, pixels: int, decode: Callable[..., T], *args: Any) -> T:
-        if pixels > self.large:
-            if self.large_now >= self.large_in_hand:
-                raise LaneFullError(f"{self.large_now} large photos in hand")
-            self.large_now += 1
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._large_thread, decode, *args)
-            finally:
-                self.large_now -= 1
-        async with self._slots:
-            return await run_in_threadpool(decode, *args)
-
-    def close(self) -> None:
-        self._large_thread.shutdown(wait=False, cancel_futures=True)
 
 
 class ServiceState:
