@@ -82,8 +82,8 @@ def test_shipped_model_on_the_real_test_set(shipped, real_data):
     result = evaluate(real_data, shipped)
     assert result["n"] == 2000
     # docs/results.md's figures, within two photos (int8 kernels differ slightly from one processor to another)
-    assert abs(round(result["accuracy"] * 2000) - 1982) <= 2 and result["log_loss"] <= 0.025, result
-    assert abs(round(result["neither"]["pets_flagged"] * 2000) - 15) <= 2, result["neither"]
+    assert abs(round(result["accuracy"] * 2000) - 1988) <= 2 and result["log_loss"] <= 0.024, result
+    assert abs(round(result["neither"]["pets_flagged"] * 2000) - 12) <= 2, result["neither"]
 
 
 @pytest.mark.slow
@@ -122,4 +122,4 @@ def test_pets_of_breeds_never_trained_on_are_pets(shipped, pet_breeds):
     assert "WARNING" not in note
     answered, total, right = breed_rates(shipped, roles, pet_breeds)
     assert total["all"] == 220 and total["unseen"] == 104  # docs/results.md has the figures
-    assert answered["all"] <= 2 and right["all"] >= 215, (answered, right)
+    assert answered["all"] <= 4 and right["all"] >= 213, (answered, right)  # 3 and 215 in docs/results.md
