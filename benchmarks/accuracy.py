@@ -17,10 +17,11 @@ user (its own mirror averaging and "neither" rules), and every photo is read fro
   the bundle trained on, breeds it never saw, cats and dogs of both, the right class, and the breeds turned
   away most; drawn again from the bundle's record as not_pets are. The held-out photos of trained kinds and
   breeds fitted and cut the bundle's rule: breeds and kinds never seen are the clean measure.
-- Speed: photos/s labelling test_set photos from their files (`Classifier.predict_many`), and the median time
-  of one photo file to label (`Classifier.predict`, 50 calls).
+- Speed: photos/s labelling test_set photos from their files (`Classifier.predict_many`, in 10 timed runs of a
+  tenth of them each: the rate at the mean time and its 95% t interval), and the median time of one photo file
+  to label (`Classifier.predict`, 50 calls).
 
-Every rate comes with its 95% Wilson interval (scipy's `binomtest`). `--limit N` takes at most N photos of each
+Every other rate comes with its 95% Wilson interval (scipy's `binomtest`). `--limit N` takes at most N photos of each
 set, spread evenly over it, for a quick check. `--write FILE` also puts the table into FILE (e.g.
 docs/results.md), replacing this benchmark's previous section there.
 """
@@ -54,11 +55,13 @@ from results_page import (  # noqa: E402
     chosen_bundles,
     git_commit,
     processor,
+    rate,
     write_section,
 )
 
 GROUPS = ("hard", "other", "scene")  # not_pets/manifest.csv's groups
 LATENCY_CALLS = 50
+FOLDER_RUNS = 10  # the test_set photos labelled in this many timed runs, for the throughput's interval
 
 
 def spread(items: list, limit: int | None) -> list:
@@ -193,10 +196,12 @@ def bundle_row(name: str, path: Path, args: argparse.Namespace, groups: dict[str
                       worst_breeds(answered, total)]
 
     photos = [s.path for s in test_samples]
-    throughput = time_folder(lambda paths: sum(1 for _ in clf.predict_many(paths)), photos)
+    runs = [photos[i::FOLDER_RUNS] for i in range(FOLDER_RUNS)]
+    per_photo_ms = [1000 / time_folder(lambda paths: sum(1 for _ in clf.predict_many(paths)), run) for run in runs]
+    throughput = "{:.0f} [{:.0f}, {:.0f}]".format(*rate(per_photo_ms))
     latency_p50, _ = time_single(clf.predict, photos[:LATENCY_CALLS], LATENCY_CALLS)
     return ([name, f"`{clf.model_id}`", *pet_columns(test), *pet_columns(extra), *neither,
-             f"{throughput:.0f}", f"{latency_p50:.1f}"], breeds_row, f"{name}: {note}; {breeds_note}")
+             throughput, f"{latency_p50:.1f}"], breeds_row, f"{name}: {note}; {breeds_note}")
 
 
 def shown(path: Path) -> str:
@@ -209,7 +214,7 @@ def markdown(rows: list[list[str]], breed_rows: list[list[str]], notes: list[str
               *[f"{where} {what}" for where in ("test_set", "unused extra_set")
                 for what in ("accuracy", "log loss", "ECE", "pets answered neither")],
               "not_pets answered neither: all", "kinds seen, held-out photos", "kinds never seen",
-              *[f"never seen: {group}" for group in GROUPS], "photos/s (folder)", "p50 ms (one photo)"]
+              *[f"never seen: {group}" for group in GROUPS], "photos/s (folder) [95% interval]", "p50 ms (one photo)"]
     limit = f"; at most {args.limit} photos of each set (a quick check)" if args.limit else ""
     lines = [
         "### Accuracy, \"neither\" and speed of each bundle (`benchmarks/accuracy.py`)",

@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from results_page import add_write_option, recorded  # sibling scripts' helpers
-from scipy import stats
+from results_page import add_write_option, rate, recorded  # sibling scripts' helpers
 from serve_load import start_server
 
 from catdogcnn.data import scan_folder
@@ -44,13 +42,6 @@ LABEL_IN_PAGE = """async ({photos}) => {
   }
   return { out, threads: local.threads };
 }"""
-
-
-def rate(ms: list[float]) -> tuple[float, float, float]:
-    """Photos a second from times a photo (ms): the rate at the mean time, and its 95% interval."""
-    mean = statistics.fmean(ms)
-    half = stats.t.ppf(0.975, len(ms) - 1) * statistics.stdev(ms) / len(ms) ** 0.5
-    return 1000 / mean, 1000 / (mean + half), 1000 / max(mean - half, 1e-9)
 
 
 def native(clf, paths: list[Path]) -> tuple[list[float], list[str]]:
