@@ -9,8 +9,8 @@ requests are gathered into one model call (micro-batching: the first photo waits
 echoed back, never used as a path.
 
 Work per request and per process is bounded, whatever a client sends: the body (chunked too) is counted as it
-streams in, against the request cap and each part against twice a photo's, more than `max_files` parts are refused while
-parsing, a photo's pixels are checked from its header against `max_megapixels` before it is decoded, at most
+streams in, against the request cap and each part against twice a photo's, more than `max_files` parts are refused
+while parsing, a photo's pixels are checked from its header against `max_megapixels` before it is decoded, at most
 `threads` ordinary photos are decoded at once and beside them one large photo (over 4 MP decoded) at a lower CPU
 priority, four in hand at most, and at most `max_pending` photos are in the server (read, decoding or waiting for
 the model): past that a photo gets 503 with Retry-After. A photo's bytes are dropped once decoded.

@@ -53,12 +53,16 @@ class DecodeLanes:
             if self.large_now >= self.large_in_hand:
                 raise LaneFullError(f"{self.large_now} large photos in hand")
             self.large_now += 1
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._large_thread, decode, *args)
-            finally:
-                self.large_now -= 1
+            job = asyncio.get_running_loop().run_in_executor(self._large_thread, decode, *args)
+            job.add_done_callback(self._large_done)  # when the decode ends, not when a client that left stops waiting
+            return await asyncio.shield(job)
         async with self._slots:
             return await run_in_threadpool(decode, *args)
+
+    def _large_done(self, job: asyncio.Future) -> None:
+        self.large_now -= 1
+        if not job.cancelled():
+            job.exception()  # seen here: a failure whose client has left is not reported as never retrieved
 
     def close(self) -> None:
         self._large_thread.shutdown(wait=False, cancel_futures=True)
